@@ -1,0 +1,60 @@
+"""The RAW convention (InvISP protocol, DESIGN.md) and the model's value ranges.
+
+Linear RAW: demosaiced camera RGB, black-subtracted, white-balanced, divided by (white - black), in [0, 1].
+Encoded RAW: linear ** (1 / gamma), gamma = 2.2 by default: this is what the model learns and what PSNR is
+measured on. Model space: encoded * 2 - 1, in [-1, 1]. The sRGB condition uses the same affine map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["RawEncoding", "srgb_to_model", "model_to_unit"]
+
+
+@dataclass(frozen=True)
+class RawEncoding:
+    """Gamma encoding of linear RAW (1/2.2 in the paper's data)."""
+
+    gamma: float = 2.2
+
+    def encode(self, linear: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Linear [0, 1] -> encoded [0, 1] (input clipped to [0, 1])."""
+        if isinstance(linear, torch.Tensor):
+            return linear.clamp(0.0, 1.0) ** (1.0 / self.gamma)
+        return np.clip(linear, 0.0, 1.0) ** (1.0 / self.gamma)
+
+    def decode(self, encoded: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Encoded [0, 1] -> linear [0, 1] (input clipped to [0, 1])."""
+        if isinstance(encoded, torch.Tensor):
+            return encoded.clamp(0.0, 1.0) ** self.gamma
+        return np.clip(encoded, 0.0, 1.0) ** self.gamma
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "gamma", "gamma": self.gamma}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RawEncoding":
+        if d.get("kind", "gamma") != "gamma":
+            raise ValueError(f"unsupported RAW encoding {d.get('kind')!r}")
+        return cls(gamma=float(d.get("gamma", 2.2)))
+
+
+def srgb_to_model(image: np.ndarray) -> torch.Tensor:
+    """uint8 / uint16 / float [0, 1] H x W x 3 image -> float32 tensor [1, 3, H, W] in [-1, 1]."""
+    if image.dtype == np.uint8:
+        unit = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        unit = image.astype(np.float32) / 65535.0
+    else:
+        unit = np.clip(image.astype(np.float32), 0.0, 1.0)
+    return torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1)))[None] * 2.0 - 1.0
+
+
+def model_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> [0, 1] (clamped)."""
+    return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
