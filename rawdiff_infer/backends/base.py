@@ -1,0 +1,73 @@
+"""The backend contract: run the eps-model on one batch of patches.
+
+A backend knows nothing about images, grids or samplers. Life cycle: construct (load) -> ``infer`` any number of
+times -> ``close`` (or use it as a context manager). ``infer`` returns a tensor the caller owns (never an internal
+buffer that the next call overwrites). Errors are exceptions (``BackendError``), never ``exit``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..checkpoint import ModelMeta
+
+__all__ = ["Backend", "BackendError"]
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be created or run (message: one line)."""
+
+
+class Backend(ABC):
+    """Runs eps = model(x_t, cond, t) on a batch of patches.
+
+    Attributes:
+        name: short backend name ("torch", "onnx", "trt").
+        meta: the model's description (schedule, camera, encoding, U-Net config).
+        device: torch device where ``infer`` wants its inputs (and returns its output).
+        input_dtype: dtype in which inputs are cheapest to hand over (cond patches are cached in it).
+        max_batch_size: the largest batch ``infer`` accepts (None: unlimited).
+        fixed_batch_size: if set, batches are padded to this size internally (CUDA graphs, static engines).
+    """
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, meta: ModelMeta, device: torch.device, input_dtype: torch.dtype = torch.float32,
+                 max_batch_size: int | None = None) -> None:
+        self.meta = meta
+        self.device = device
+        self.input_dtype = input_dtype
+        self.max_batch_size = max_batch_size
+
+    @abstractmethod
+    def infer(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps for a batch.
+
+        Args:
+            x_t: [N, 3, P, P] noisy RAW patches (model space), float32 or ``input_dtype``, on ``device``.
+            cond: [N, 3, P, P] sRGB patches in [-1, 1], on ``device``.
+            t: [N] timesteps (training units, float32).
+        Returns:
+            [N, 3, P, P] float32 eps on ``device``, owned by the caller.
+        """
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.max_batch_size is not None and x_t.shape[0] > self.max_batch_size:
+            raise BackendError(f"batch of {x_t.shape[0]} exceeds the backend's maximum {self.max_batch_size}")
+        return self.infer(x_t, cond, t)
+
+    def close(self) -> None:
+        """Release device resources (idempotent)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        """One line for logs and summaries."""
+        return f"{self.name} on {self.device} ({str(self.input_dtype).removeprefix('torch.')})"

@@ -1,0 +1,142 @@
+"""Noise schedules and timestep grids (fp64 internally).
+
+Notation (DDPM / DPM-Solver): alphabar_t = prod_{s<=t} (1 - beta_s); alpha_t = sqrt(alphabar_t);
+sigma_t = sqrt(1 - alphabar_t); lambda_t = log(alpha_t / sigma_t) (half the log-SNR). Timesteps are in training
+units, t = 0 .. T-1; fractional t (from the logSNR grid or singlestep intermediate points) interpolates
+log(alphabar) linearly between integer steps, as DPM-Solver's discrete-time noise schedule does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+__all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS"]
+
+Spacing = Literal["linspace", "leading", "trailing", "time-uniform", "logSNR"]
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "time-uniform", "logSNR")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Beta schedule of the forward process.
+
+    kind: "scaled_linear" (LDM: beta linear in sqrt(beta)) or "linear" (DDPM: beta linear).
+    num_timesteps: T (1000). beta_start / beta_end: beta_1 and beta_T (paper: 0.0015 -> 0.0195).
+    """
+
+    kind: Literal["scaled_linear", "linear"] = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("scaled_linear", "linear"):
+            raise ValueError(f"unknown schedule kind {self.kind!r}")
+        if self.num_timesteps < 2:
+            raise ValueError("num_timesteps must be >= 2")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ValueError("need 0 < beta_start < beta_end < 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_timesteps": self.num_timesteps,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
+        return cls(**d)
+
+
+class Schedule:
+    """A discrete VP schedule with fp64 tables and continuous interpolation.
+
+    Attributes (numpy float64, length T): betas, alphas_cumprod, log_alphas (log alpha_t = 0.5 log alphabar_t).
+    """
+
+    def __init__(self, config: ScheduleConfig | None = None) -> None:
+        self.config = config or ScheduleConfig()
+        c = self.config
+        if c.kind == "scaled_linear":
+            betas = np.linspace(np.sqrt(c.beta_start), np.sqrt(c.beta_end), c.num_timesteps, dtype=np.float64) ** 2
+        else:
+            betas = np.linspace(c.beta_start, c.beta_end, c.num_timesteps, dtype=np.float64)
+        self.betas = betas
+        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.log_alphas = 0.5 * np.log(self.alphas_cumprod)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    # ---- continuous-time views (t may be fractional, 0 <= t <= T-1) -------------------------------------------
+    def log_alpha(self, t: np.ndarray | float) -> np.ndarray:
+        """log alpha_t, linear interpolation between integer timesteps."""
+        return np.interp(np.asarray(t, dtype=np.float64), np.arange(self.num_timesteps), self.log_alphas)
+
+    def alpha_sigma(self, t: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """(alpha_t, sigma_t) in fp64."""
+        la = self.log_alpha(t)
+        return np.exp(la), np.sqrt(-np.expm1(2.0 * la))
+
+    def lambda_(self, t: np.ndarray | float) -> np.ndarray:
+        """lambda_t = log(alpha_t / sigma_t), decreasing in t."""
+        la = self.log_alpha(t)
+        return la - 0.5 * np.log(-np.expm1(2.0 * la))
+
+    def t_of_lambda(self, lam: np.ndarray | float) -> np.ndarray:
+        """Inverse of ``lambda_`` (fractional timesteps), exact on the piecewise-linear log alpha."""
+        lam = np.asarray(lam, dtype=np.float64)
+        # log alpha as a function of lambda: log alpha = -0.5 log(1 + exp(-2 lambda))
+        la = -0.5 * np.logaddexp(0.0, -2.0 * lam)
+        # log_alphas is decreasing in t: interpolate t over the reversed table
+        return np.interp(la, self.log_alphas[::-1], np.arange(self.num_timesteps, dtype=np.float64)[::-1])
+
+    def snr(self, t: np.ndarray | float) -> np.ndarray:
+        """alphabar_t / (1 - alphabar_t)."""
+        return np.exp(2.0 * self.lambda_(t))
+
+    # ---- training-time helpers -----------------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t eps for integer t [B] (forward process, eq. 3)."""
+        ac = torch.as_tensor(self.alphas_cumprod, device=x0.device)[t.long()]
+        a = ac.sqrt().to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        s = (1.0 - ac).sqrt().to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        return a * x0 + s * noise
+
+    # ---- sampling grids -----------------------------------------------------------------------------------------
+    def timesteps(self, steps: int, spacing: Spacing = "linspace") -> np.ndarray:
+        """A decreasing grid of ``steps`` timesteps (fp64, training units) at which the model is evaluated.
+
+        Every grid is followed by the clean endpoint (alphabar = 1, sigma = 0) in the samplers.
+        - linspace: round(linspace(T-1, 0, steps)); includes T-1 and 0.
+        - leading: (arange(steps) * (T // steps))[::-1] (DDIM paper, Stable Diffusion); ends at 0.
+        - trailing: round(arange(T, 0, -T/steps)) - 1; starts at T-1, ends at T/steps - 1.
+        - time-uniform: linspace(T-1, 0, steps), not rounded (fractional).
+        - logSNR: uniform in lambda between lambda(T-1) and lambda(0) (fractional).
+        """
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        if spacing == "linspace":
+            ts = np.round(np.linspace(T - 1, 0, steps))
+        elif spacing == "leading":
+            ts = (np.arange(steps) * (T // steps))[::-1].astype(np.float64)
+        elif spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / steps)) - 1.0
+        elif spacing == "time-uniform":
+            ts = np.linspace(T - 1, 0, steps)
+        elif spacing == "logSNR":
+            lam = np.linspace(self.lambda_(T - 1), self.lambda_(0), steps)
+            ts = self.t_of_lambda(lam)
+            ts[0] = T - 1
+            if steps > 1:
+                ts[-1] = 0.0
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+        ts = np.asarray(ts, dtype=np.float64)
+        if steps > 1 and np.any(np.diff(ts) >= 0):
+            raise ValueError(f"{steps} steps with spacing {spacing!r} give repeated timesteps")
+        return ts

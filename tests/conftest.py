@@ -1,0 +1,35 @@
+"""Shared fixtures and markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rawdiff_infer.model import UNetConfig
+
+SHARED_DATA = Path(os.environ.get("RAWDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+#: a small U-Net for fast CPU tests (same topology as the paper's, fewer channels)
+TINY_CONFIG = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)"))

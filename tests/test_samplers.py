@@ -1,0 +1,230 @@
+"""Samplers against the closed-form Gaussian oracle, each other, and diffusers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rawdiff_infer.samplers import SAMPLERS, sample, singlestep_orders
+from rawdiff_infer.schedule import Schedule
+
+SCH = Schedule()
+MU, S = 0.3, 0.5
+
+
+def oracle_eps(mu: float, s: float, schedule: Schedule = SCH):
+    """Exact E[eps | x_t] for data x0 ~ N(mu, s^2) per pixel."""
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, sg = schedule.alpha_sigma(t.double().cpu().numpy())
+        a = torch.as_tensor(a, dtype=x.dtype).view(-1, 1, 1, 1)
+        sg = torch.as_tensor(sg, dtype=x.dtype).view(-1, 1, 1, 1)
+        return sg * (x - a * mu) / (a * a * s * s + sg * sg)
+
+    return eps_fn
+
+
+def exact_x0(x_T: torch.Tensor, mu: float, s: float, t_start: float = 999.0, t_end: float = 0.0) -> torch.Tensor:
+    """Probability-flow ODE from t_start to t_end, then the posterior mean at t_end (what x0-ending samplers hit)."""
+    aT, sT = SCH.alpha_sigma(t_start)
+    a0, s0 = SCH.alpha_sigma(t_end)
+    x_end = a0 * mu + math.sqrt(a0**2 * s**2 + s0**2) * (x_T - aT * mu) / math.sqrt(aT**2 * s**2 + sT**2)
+    return mu + a0 * s * s * (x_end - a0 * mu) / (a0**2 * s**2 + s0**2)
+
+
+def _xT(shape=(1, 1, 32, 32), seed=0, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _err(method: str, steps: int, **kw) -> float:
+    x_T = _xT()
+    out = sample(oracle_eps(MU, S), x_T, SCH, method, steps, clip_x0=None, **kw)
+    return (out - exact_x0(x_T, MU, S)).abs().max().item()
+
+
+# (method, options, step counts doubling the number of solver intervals, expected order)
+CONVERGENCE = [
+    ("ddim", {}, [11, 21, 41, 81], 1.0),
+    ("dpm", {"order": 1}, [11, 21, 41, 81], 1.0),
+    ("dpm", {"order": 2}, [21, 41, 81, 161], 2.0),
+    ("dpm-single", {"order": 2}, [21, 41, 81, 161], 2.0),       # (N-1)/2 segments: 10, 20, 40, 80
+    ("dpm-single", {"order": 3}, [19, 37, 73, 145], 3.0),       # (N-1)/3 segments: 6, 12, 24, 48
+    ("dpm-single", {"order": 3, "algorithm": "dpmsolver"}, [19, 37, 73, 145], 3.0),
+]
+
+
+@pytest.mark.parametrize("method,opts,steps,order", CONVERGENCE)
+def test_deterministic_samplers_converge_at_their_order(method, opts, steps, order) -> None:
+    errs = [_err(method, n, spacing="logSNR", **opts) for n in steps]
+    rates = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
+    print(f"{method} {opts}: errors {['%.2e' % e for e in errs]} rates {['%.2f' % r for r in rates]}")
+    assert all(e2 < e1 for e1, e2 in zip(errs, errs[1:]))
+    # asymptotic rate (last doubling) within 0.35 of the order; earlier doublings may still be pre-asymptotic
+    assert rates[-1] > order - 0.35, rates
+    assert min(rates) > order - 1.1, rates
+
+
+def test_dpm3m_is_at_least_second_order_and_beats_2m() -> None:
+    """3M starts with 1st/2nd-order warm-up steps, so its global order is 2; it must still beat 2M."""
+    e2 = [_err("dpm", n, order=2) for n in (20, 40, 80)]
+    e3 = [_err("dpm", n, order=3) for n in (20, 40, 80)]
+    assert all(b < a for a, b in zip(e2, e3)), (e2, e3)
+    assert math.log2(e3[1] / e3[2]) > 1.8
+
+
+def test_default_settings_errors_are_small() -> None:
+    """The shipped defaults (logSNR grid) on the oracle: dpm 20 steps and dpm-single order 3 / 20 steps."""
+    assert _err("dpm", 20) < 2e-2
+    assert _err("dpm-single", 20, order=3) < 2e-3
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_point_mass_returns_mu_exactly(method: str) -> None:
+    """With s = 0 the x0 prediction is mu whatever x_t: every sampler must end exactly on mu (clean final step)."""
+    x_T = _xT(dtype=torch.float32)
+    steps = 50 if method == "ddpm" else 7
+    out = sample(oracle_eps(MU, 0.0), x_T, SCH, method, steps, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, torch.full_like(out, MU), atol=2e-6), (out - MU).abs().max()
+
+
+def test_ddpm_reproduces_data_distribution() -> None:
+    x_T = _xT((1, 1, 128, 128), dtype=torch.float32)
+    out = sample(oracle_eps(MU, S), x_T, SCH, "ddpm", 1000, generator=torch.Generator().manual_seed(3),
+                 clip_x0=None)
+    n = out.numel()
+    # the x0 ending shrinks the variance by alpha0^2 s^2 / (alpha0^2 s^2 + sigma0^2) ~ 0.994
+    a0, s0 = SCH.alpha_sigma(0.0)
+    std_expected = S * math.sqrt(a0**2 * S**2 / (a0**2 * S**2 + s0**2))
+    assert abs(out.mean().item() - MU) < 4 * S / math.sqrt(n)
+    assert abs(out.std().item() - std_expected) < 0.02 * S
+    # ... and it is stochastic: a different seed gives a different sample
+    other = sample(oracle_eps(MU, S), x_T, SCH, "ddpm", 1000, generator=torch.Generator().manual_seed(4),
+                   clip_x0=None)
+    assert (other - out).abs().max() > 0.1
+
+
+def test_ddim_eta_one_samples_distribution_too() -> None:
+    x_T = _xT((1, 1, 128, 128), dtype=torch.float32)
+    out = sample(oracle_eps(MU, S), x_T, SCH, "ddim", 200, eta=1.0, generator=torch.Generator().manual_seed(3),
+                 clip_x0=None)
+    assert abs(out.mean().item() - MU) < 0.02
+    assert abs(out.std().item() - S) < 0.03
+
+
+def test_dpm_order1_equals_ddim() -> None:
+    """Cross-sampler identity: first-order DPM-Solver++ is DDIM (eta = 0) on the same grid."""
+    x_T = _xT(dtype=torch.float32)
+    for sp in ("linspace", "logSNR"):
+        a = sample(oracle_eps(MU, S), x_T, SCH, "ddim", 12, spacing=sp)
+        b = sample(oracle_eps(MU, S), x_T, SCH, "dpm", 12, order=1, spacing=sp)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [20, 21, 19, 10, 3])
+def test_paper_setting_singlestep_order3_no_nan(steps: int) -> None:
+    """The paper's DPM-Solver (singlestep order 3, 20 steps), the 3n-1 case that broke diffusers, and neighbours."""
+    x_T = _xT((2, 3, 16, 16), dtype=torch.float32)
+    calls = []
+    for algo in ("dpmsolver", "dpmsolver++"):
+        out = sample(oracle_eps(MU, S), x_T, SCH, "dpm-single", steps, order=3, algorithm=algo,
+                     callback=lambda i, n: calls.append((i, n)))
+        assert torch.isfinite(out).all()
+        assert out.abs().max() <= 1.0
+    assert calls[-1] == (steps, steps)  # exactly `steps` model evaluations
+    assert sum(singlestep_orders(steps, 3)) == steps
+
+
+@pytest.mark.parametrize("method", SAMPLERS)
+def test_same_seed_same_output_and_clamp(method: str) -> None:
+    x_T = _xT((1, 3, 8, 8), dtype=torch.float32)
+
+    def wild(x, t):  # an eps model whose x0 prediction leaves [-1, 1]
+        return -3.0 * torch.ones_like(x)
+
+    outs = [sample(wild, x_T, SCH, method, 25, eta=0.5, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].abs().max() <= 1.0 + 1e-6
+    free = sample(wild, x_T, SCH, method, 25, eta=0.5, generator=torch.Generator().manual_seed(7), clip_x0=None)
+    assert free.abs().max() > 1.0
+
+
+def test_update_arithmetic_is_fp32_for_fp16_models() -> None:
+    x_T = _xT((1, 3, 8, 8), dtype=torch.float32)
+    seen = []
+
+    def half_model(x, t):
+        seen.append(x.dtype)
+        return oracle_eps(MU, S)(x, t).half()
+
+    out = sample(half_model, x_T, SCH, "dpm", 10)
+    assert out.dtype == torch.float32 and set(seen) == {torch.float32}
+
+
+def test_bad_arguments() -> None:
+    x = _xT(dtype=torch.float32)
+    with pytest.raises(ValueError):
+        sample(oracle_eps(MU, S), x, SCH, "euler")
+    with pytest.raises(ValueError):
+        sample(oracle_eps(MU, S), x, SCH, "ddim", 10, eta=2.0)
+    with pytest.raises(ValueError):
+        sample(oracle_eps(MU, S), x, SCH, "dpm", timesteps=[0, 10])
+
+
+# ---- peer check against diffusers ------------------------------------------------------------------------------
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _toy_eps():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1).double()
+
+    def eps_fn(x, t):
+        with torch.no_grad():
+            return torch.tanh(conv(x.double())).to(x.dtype) * (0.5 + t.view(-1, 1, 1, 1).to(x.dtype) / 2000)
+
+    return eps_fn
+
+
+def _run_diffusers(scheduler, eps_fn, x_T):
+    x = x_T.clone()
+    for t in scheduler.timesteps:
+        eps = eps_fn(x, torch.full((x.shape[0],), float(t)))
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+COMMON = dict(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("steps,spacing", [(50, "trailing"), (20, "leading"), (10, "trailing")])
+def test_ddim_matches_diffusers(steps: int, spacing: str) -> None:
+    sch = diffusers.DDIMScheduler(**COMMON, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing)
+    sch.set_timesteps(steps)
+    x_T = _xT((1, 3, 16, 16), dtype=torch.float32)
+    eps_fn = _toy_eps()
+    ref = _run_diffusers(sch, eps_fn, x_T)
+    ours = sample(eps_fn, x_T, SCH, "ddim", timesteps=sch.timesteps.numpy().astype(float), clip_x0=None)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    print(f"DDIM {steps} {spacing}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("order,steps", [(2, 20), (2, 10), (3, 20), (3, 12)])
+def test_dpmsolver_multistep_matches_diffusers(order: int, steps: int) -> None:
+    sch = diffusers.DPMSolverMultistepScheduler(**COMMON, algorithm_type="dpmsolver++", solver_order=order,
+                                                solver_type="midpoint", lower_order_final=True,
+                                                final_sigmas_type="zero", timestep_spacing="linspace")
+    sch.set_timesteps(steps)
+    x_T = _xT((1, 3, 16, 16), dtype=torch.float32)
+    eps_fn = _toy_eps()
+    ref = _run_diffusers(sch, eps_fn, x_T)
+    ours = sample(eps_fn, x_T, SCH, "dpm", order=order, timesteps=sch.timesteps.numpy().astype(float),
+                  clip_x0=None)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    print(f"DPM-Solver++ {order}M {steps}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
+    assert err < 1e-5
