@@ -17,7 +17,6 @@ leaves neither a partial file nor a damaged previous one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import io
 import logging
@@ -30,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Literal, Union
+from typing import BinaryIO, Literal
 
 import numpy as np
 import tifffile
@@ -56,7 +55,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 #: File-name suffixes (lower case) that ``read_image`` is meant for.
 SUPPORTED_INPUT_SUFFIXES: frozenset[str] = frozenset(
@@ -90,6 +89,9 @@ _SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
 
 #: (pixels, bit_depth, format, exif_orientation, icc_converted)
 _Decoded = tuple[np.ndarray, int, str, int, bool]
+
+#: LibRaw (like dcraw) refuses RAW images narrower or lower than this (checked with rawpy 0.28).
+_LIBRAW_MIN_SIDE = 22
 
 # Image.MAX_IMAGE_PIXELS is a Pillow global: raising it for one read is done under this lock.
 _PIXEL_LIMIT_LOCK = threading.Lock()
@@ -358,7 +360,12 @@ def _decode_16bit(name: str, img: Image.Image, fmt: str, limit: int | None,
             return None
         with open(name, "rb") as f:
             data = f.read()
-        arr = np.asarray(imagecodecs.png_decode(data))
+        try:
+            arr = np.asarray(imagecodecs.png_decode(data))
+        except Exception as exc:  # noqa: BLE001 - let Pillow judge the file: its errors name truncation
+            img.load()
+            notes.append(f"16-bit PNG read at 8 bits (imagecodecs: {_one_line(str(exc))})")
+            return None
         if arr.dtype != np.uint16:
             return None
         return _finish_array(name, arr, fmt, _exif_orientation(img, notes), img.info.get("icc_profile"), notes)
@@ -366,7 +373,8 @@ def _decode_16bit(name: str, img: Image.Image, fmt: str, limit: int | None,
 
 
 def _decode_tiff_16bit(name: str, img: Image.Image, limit: int | None, notes: list[str]) -> _Decoded | None:
-    """Read a TIFF of more than 8 bits per sample with tifffile (16 bits kept); None to let Pillow do it."""
+    """Check a TIFF's first image is complete; read it with tifffile if it has more than 8 bits per sample
+    (16 bits kept). None to let Pillow decode it."""
     try:
         tif = tifffile.TiffFile(name)
     except Exception:  # noqa: BLE001 - tifffile cannot parse it: Pillow (libtiff) may
@@ -374,6 +382,10 @@ def _decode_tiff_16bit(name: str, img: Image.Image, limit: int | None, notes: li
         return None
     with tif:
         page = tif.pages.first
+        size = os.path.getsize(name)
+        if any(o + c > size for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)):
+            # caught here, before libtiff (via Pillow) prints read errors on stderr
+            raise ImageError(f"{name}: truncated TIFF data")
         bits = int(page.bitspersample)
         kind = np.dtype(page.dtype).kind if page.dtype is not None else "?"
         if bits <= 8 and kind in "ui":
@@ -521,7 +533,8 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
 
 
 def _is_srgb_profile(icc: bytes) -> bool:
-    """True when the profile calls itself sRGB (or cannot be read: then there is nothing to convert from)."""
+    """True when the profile's description says sRGB; False otherwise, also for an unreadable profile (which
+    ``_apply_icc`` then reports)."""
     try:
         desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
     except Exception:  # noqa: BLE001 - judged (and warned about) in _apply_icc
@@ -552,7 +565,7 @@ def _apply_icc(img: Image.Image, icc: bytes | None, notes: list[str], *,
 # Bayer helpers
 # --------------------------------------------------------------------------------------------------------
 
-CFAPattern = Union[str, tuple[int, int, int, int]]
+CFAPattern = str | tuple[int, int, int, int]
 
 
 def _pattern_indices(pattern: CFAPattern) -> np.ndarray:
@@ -650,7 +663,7 @@ def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
     while True:
         tmp = directory / f".{target.name[:200]}.{secrets.token_hex(6)}.tmp"
         try:
-            f = open(tmp, "x+b")  # O_CREAT | O_EXCL, mode 0o666 minus the umask
+            f = open(tmp, "x+b")  # noqa: SIM115 - closed below; O_CREAT|O_EXCL, 0o666 minus umask
             break
         except FileExistsError:
             continue
@@ -773,8 +786,8 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
 
     Args:
         path: output file (conventionally ``.dng``); replaced atomically.
-        linear: H x W x 3 float (H, W >= 2), white-balanced camera RGB in [0, 1] (values outside are
-            clipped; NaN / inf raise ValueError).
+        linear: H x W x 3 float, white-balanced camera RGB in [0, 1] (values outside are clipped; NaN / inf
+            raise ValueError). H, W >= 2; LibRaw opens only H, W >= 22 (a warning is logged below that).
         camera: colour matrix, black / white levels and CFA pattern of the camera the RAW imitates.
         orientation: EXIF/TIFF orientation (1..8) of the stored pixels (1 = stored upright).
         preview_srgb: optional sRGB image with the same H x W as ``linear`` (uint8, uint16 or float [0, 1]),
@@ -791,6 +804,10 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
         raise ValueError(f"orientation must be 1..8, got {orientation}")
     if preview_max_side < 1:
         raise ValueError(f"preview_max_side must be >= 1, got {preview_max_side}")
+    if min(lin.shape[:2]) < _LIBRAW_MIN_SIDE:
+        logger.warning("%s: a %dx%d RAW is below %d pixels on a side: LibRaw-based converters (rawpy, dcraw, "
+                       "darktable's fallback) refuse to open it", os.fspath(path), lin.shape[1], lin.shape[0],
+                       _LIBRAW_MIN_SIDE)
     black, white = int(camera.black_level), int(camera.white_level)
     cfa = _pattern_indices(camera.cfa_pattern)
     raw = np.rint(black + np.clip(mosaic(lin, camera.cfa_pattern), 0.0, 1.0).astype(np.float64)
