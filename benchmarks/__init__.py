@@ -1,0 +1,1 @@
+"""rawdiff-bench: latency and throughput measurements (installed as rawdiff_bench)."""

@@ -1,0 +1,340 @@
+"""One prepared GPU session: train the default model, measure the paper's sampler table on it, benchmark the U-Net.
+
+This is the script that produced benchmarks/RESULTS.md and the bundled weights. It is built for a short lease on
+one GPU: every phase has a wall-clock budget (seconds since the script started), every result is written to
+``--out`` as soon as it exists (results.json is rewritten after each measurement), and a failing phase is logged
+and skipped rather than losing the others.
+
+    python -m rawdiff_bench.gpu_session --photos PHOTOS_DIR --out OUT_DIR [--tiny] [--train-until 300] ...
+
+``--tiny`` runs the whole thing with a tiny model, few steps and small images: the CPU rehearsal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+T0 = time.perf_counter()
+VAL_NAMES = ("kodim03", "kodim07", "kodim13")  # held out from training (768x512 each)
+log = logging.getLogger("gpu_session")
+
+
+def elapsed() -> float:
+    return time.perf_counter() - T0
+
+
+class Results:
+    """results.json, rewritten after every update so a killed run still leaves everything measured so far."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict = {"phases": {}, "errors": []}
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.flush()
+
+    def phase(self, name: str, **kw) -> None:
+        self.data["phases"].setdefault(name, {}).update(kw)
+        self.flush()
+
+    def error(self, where: str, e: BaseException) -> None:
+        self.data["errors"].append({"where": where, "error": f"{type(e).__name__}: {e}",
+                                    "trace": traceback.format_exc()[-3000:]})
+        log.error("%s failed: %s", where, e)
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    mse = float(np.mean((np.clip(pred, 0, 1) - target) ** 2))
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def make_pairs(files, *, camera, seed: int, variants: int, workers: int):
+    """All (photo, variant) pairs, rendered on the CPU in parallel (Pillow JPEG and torch release the GIL)."""
+    from rawdiff_train.data import PhotoPairSource
+
+    def one(job):
+        epoch, i = job
+        src = PhotoPairSource(files, camera=camera, seed=seed)
+        src.set_epoch(epoch)
+        return src[i]
+
+    jobs = [(e, i) for e in range(variants) for i in range(len(files))]
+    torch.set_num_threads(1)
+    with ThreadPoolExecutor(workers) as ex:
+        pairs = list(ex.map(one, jobs))
+    torch.set_num_threads(os.cpu_count() or 4)
+    return pairs
+
+
+def phase_train(args, res: Results, device: str):
+    from rawdiff_infer.camera import get_camera
+    from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
+    from rawdiff_infer.model import UNetConfig
+    from rawdiff_infer.schedule import ScheduleConfig
+    from rawdiff_train.pool import PairPool
+    from rawdiff_train.trainer import TrainConfig, Trainer
+
+    photos = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    train_files = [p for p in photos if p.stem not in VAL_NAMES]
+    val_files = [p for p in photos if p.stem in VAL_NAMES]
+    cam = get_camera("nikon-d700")
+    t = time.perf_counter()
+    pairs = make_pairs(train_files, camera=cam, seed=0, variants=args.variants, workers=args.workers)
+    pool = PairPool(pairs, device=device, patch=64)
+    del pairs
+    res.phase("train", data_seconds=time.perf_counter() - t, pool_images=len(pool), pool_mb=pool.nbytes / 1e6,
+              train_files=[p.name for p in train_files], val_files=[p.name for p in val_files])
+    cfg_model = UNetConfig() if not args.tiny else UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2),
+                                                              head_channels=16, groups=8)
+    meta = ModelMeta(model=cfg_model, schedule=ScheduleConfig(), camera=cam, provenance={
+        "data": "synthetic camera (nikon-d700) over shared/data/photos",
+        "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
+        "variants_per_photo": args.variants})
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, warmup=min(1000, args.steps // 5), ema_decay=0.999,
+                      compile=device.startswith("cuda"), bf16=True, log_every=100 if not args.tiny else 5,
+                      ckpt_every=10**9, val_every=10**9)
+    trainer = Trainer(pool, Path(args.run_dir), config=cfg, meta=meta, device=device)
+    budget = args.train_until - elapsed()
+    res.phase("train", budget_seconds=budget, config=asdict(cfg))
+    t = time.perf_counter()
+    try:
+        rows = trainer.run(progress=False, max_seconds=budget)
+    except Exception as e:  # compile trouble: fall back to eager and go on
+        res.error("train (compiled)", e)
+        trainer.cfg = TrainConfig(**{**asdict(cfg), "compile": False})
+        trainer._fwd = trainer.net
+        rows = trainer.run(progress=False, max_seconds=args.train_until - elapsed())
+    train_s = time.perf_counter() - t
+    res.phase("train", steps=trainer.step, seconds=train_s, log=rows,
+              final_loss=rows[-1]["loss"] if rows else None,
+              samples_per_s=rows[-1]["samples_per_s"] if rows else None)
+    wdir = Path(args.out) / "weights"
+    meta_final = ModelMeta(model=cfg_model, schedule=meta.schedule, camera=cam, provenance={
+        **meta.provenance, "train_steps": trainer.step, "batch_size": cfg.batch_size, "final_loss":
+        rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay, "trained_on": res.data.get("env", {}).get("gpu"),
+        "date": time.strftime("%Y-%m-%d")})
+    save_checkpoint(trainer.ema.float(), wdir, meta=meta_final, dtype=torch.float16, shard_bytes=12 << 20)
+    res.phase("train", weights=sorted(p.name for p in wdir.iterdir()))
+    return trainer.ema, meta_final, val_files
+
+
+def phase_eval(args, res: Results, device: str, ema, meta, val_files):
+    from rawdiff_infer.backends.torch import TorchBackend
+    from rawdiff_infer.model import UNet
+    from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
+    from rawdiff_infer.rawspace import RawEncoding
+    from rawdiff_infer.tiling import PatchGrid, TileConfig
+    from rawdiff_train.camera_isp import srgb_to_linear
+    from rawdiff_train.data import PhotoPairSource
+
+    enc = RawEncoding()
+    src = PhotoPairSource(val_files, camera=meta.camera, seed=10_000)
+    vals = [src[i] for i in range(len(src))]
+    inputs = [np.round(np.clip(v.srgb, 0, 1) * 255).astype(np.uint8) for v in vals]
+    if args.tiny:
+        inputs = [x[:96, :128] for x in inputs]
+    targets = [enc.encode(v.raw.astype(np.float32))[: x.shape[0], : x.shape[1]] for v, x in zip(vals, inputs)]
+    # identity-like baseline: sRGB decoded by the inverse sRGB curve only (no colour matrix), then the RAW encoding
+    base = []
+    for x, y in zip(inputs, targets):
+        lin = srgb_to_linear(torch.from_numpy(x.astype(np.float32) / 255.0)).numpy()
+        base.append(psnr(enc.encode(lin), y))
+    res.phase("eval", identity_psnr=float(np.mean(base)), identity_psnr_each=base,
+              image_sizes=[list(x.shape[:2]) for x in inputs])
+    h, w = inputs[0].shape[:2]
+    max_patches = max(PatchGrid(x.shape[0], x.shape[1], TileConfig(stride=48)).num_patches for x in inputs)
+    model = UNet(ema.config)
+    model.load_state_dict(ema.state_dict())
+    cuda = device.startswith("cuda")
+    backend = TorchBackend(model, meta, device=device, dtype="fp16" if cuda else "fp32", compile=cuda,
+                           cuda_graph=cuda, max_batch_size=max_patches if cuda else None)
+    settings = [("dpm", 10, None), ("dpm", 20, None), ("dpm-single", 20, 3), ("ddim", 50, None),
+                ("ddim", 200, None), ("ddpm", 1000, None)]
+    table, recon = [], {}
+    per_eval = None
+    for method, steps, order in settings:
+        for merge in ("step", "end"):
+            est = None if per_eval is None else per_eval * steps * len(inputs) * (1.0 if merge == "step" else 1.0)
+            if est is not None and elapsed() + est > args.eval_until:
+                log.warning("skip %s-%d %s: needs ~%.0f s, budget left %.0f s", method, steps, merge, est,
+                            args.eval_until - elapsed())
+                table.append({"sampler": method, "steps": steps, "merge": merge, "skipped": True,
+                              "estimated_s": est})
+                res.phase("eval", table=table)
+                continue
+            tiles = TileConfig(stride=48 if merge == "step" else 64, merge=merge, batch_size=max_patches)
+            rec = RawReconstructor(backend, sampler=SamplerConfig(method=method, steps=steps, order=order),
+                                   tiles=tiles)
+            if per_eval is None:  # warm-up: compile + graph capture, not timed
+                t = time.perf_counter()
+                rec.reconstruct(inputs[0], seed=0)
+                res.phase("eval", warmup_seconds=time.perf_counter() - t)
+            scores, times = [], []
+            for k, (x, y) in enumerate(zip(inputs, targets)):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = rec.reconstruct(x, seed=k)
+                times.append(time.perf_counter() - t)
+                scores.append(psnr(out.encoded, y))
+                if (method, steps, merge) == ("dpm", 20, "step"):
+                    recon[f"pred_{val_files[k].stem}"] = out.encoded.astype(np.float16)
+            per_eval = float(np.mean(times)) / steps
+            table.append({"sampler": method, "steps": steps, "order": order, "merge": merge,
+                          "psnr": float(np.mean(scores)), "psnr_each": scores, "seconds_per_image": float(np.mean(times)),
+                          "patches": PatchGrid(h, w, tiles).num_patches})
+            res.phase("eval", table=table)
+            log.info("%s-%d %s: %.2f dB, %.2f s/image", method, steps, merge, np.mean(scores), np.mean(times))
+            if recon and not (Path(args.out) / "recon.npz").exists():
+                np.savez_compressed(Path(args.out) / "recon.npz", **recon)
+    backend.close()
+
+
+def phase_bench(args, res: Results, device: str, model_state, config):
+    from rawdiff_bench.bench import bench_image, bench_unet, flops_per_patch
+    from rawdiff_bench.runner import torch_variant
+    from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.model import UNet
+
+    cuda = device.startswith("cuda")
+    model = UNet(config)
+    model.load_state_dict(model_state)
+    meta = ModelMeta(model=config)
+    gflop = flops_per_patch(config, 64) / 1e9
+    res.phase("bench", gflop_per_patch=gflop)
+    unet_rows, image_rows = [], []
+    if cuda:
+        x = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+        for _ in range(3):
+            x @ x
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(10):
+            x @ x
+        ev[1].record()
+        ev[1].synchronize()
+        res.phase("bench", matmul_fp16_tflops=10 * 2 * 8192**3 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12)
+        del x
+    plan = ([("eager", "fp32", 256), ("eager", "fp16", 512), ("cl", "fp16", 512), ("cl", "bf16", 512),
+             ("graph", "fp16", 1024), ("graph", "fp16", 512), ("graph", "bf16", 1024), ("graph", "fp16", 256)]
+            if cuda else [("eager", "fp32", 8), ("cl", "fp32", 8)])
+    img_side = 2048 if cuda and not args.tiny else 128
+    for variant, dtype, batch in plan:
+        if elapsed() > args.bench_until - 25:
+            log.warning("bench budget reached before %s %s %d", variant, dtype, batch)
+            break
+        try:
+            be = torch_variant(model, meta, variant, dtype, device, batch)
+            r = bench_unet(be, batch=batch, variant=f"torch/{variant}", warmup=3, repeats=10 if cuda else 2,
+                           gflop=gflop)
+            r.dtype = dtype
+            unet_rows.append(asdict(r))
+            res.phase("bench", unet=unet_rows)
+            log.info("%s %s b%d: %.2f ms, %.1f TFLOP/s", variant, dtype, batch, r.ms_median, r.tflops)
+            if (variant, dtype, batch) == (plan[4] if cuda else plan[1]):
+                rng = np.random.default_rng(0)
+                img = (rng.random((img_side, img_side, 3)) * 255).astype(np.uint8)
+                for sampler, steps in (("dpm", 20), ("ddpm", 1000)):
+                    need = r.ms_median / 1e3 * (img_side // 64) ** 2 / batch * steps * 1.3
+                    if elapsed() + need > args.bench_until:
+                        image_rows.append({"sampler": sampler, "steps": steps, "skipped": True, "estimated_s": need})
+                        continue
+                    ir = bench_image(be, img, sampler=sampler, steps=steps if not args.tiny else 2, merge="step",
+                                     stride=64, batch_size=batch, variant=f"torch/{variant}", warmup=1,
+                                     repeats=3 if sampler == "dpm" else 1, write=False)
+                    image_rows.append(asdict(ir))
+                    res.phase("bench", images=image_rows)
+                    log.info("image %dx%d %s-%d: %.3f s", img_side, img_side, sampler, steps, ir.denoise_s)
+            be.close()
+            del be
+            if cuda:
+                torch.cuda.empty_cache()
+        except Exception as e:
+            res.error(f"bench {variant} {dtype} {batch}", e)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--photos", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few steps, small images")
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--variants", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--train-until", type=float, default=300.0, help="seconds since start")
+    ap.add_argument("--eval-until", type=float, default=440.0)
+    ap.add_argument("--bench-until", type=float, default=560.0)
+    ap.add_argument("--run-dir", default="/tmp/rawdiff-gpu-run", help="trainer state (large; not under --out)")
+    ap.add_argument("--skip", action="append", default=[], choices=["train", "eval", "bench"])
+    ap.add_argument("--weights", help="use these weights instead of training (sharded dir)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stdout)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = Results(out / "results.json")
+    from rawdiff_bench.bench import environment
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    res.set("env", environment())
+    res.set("args", vars(args))
+    ema = meta = None
+    val_files = [p for p in sorted(Path(args.photos).iterdir()) if p.stem in VAL_NAMES]
+    if args.weights:
+        from rawdiff_infer.checkpoint import load_checkpoint
+
+        ema, meta = load_checkpoint(args.weights, device=device)
+    elif "train" not in args.skip:
+        try:
+            ema, meta, val_files = phase_train(args, res, device)
+        except Exception as e:
+            res.error("train", e)
+    log.info("train phase done at %.0f s", elapsed())
+    if ema is not None and "eval" not in args.skip:
+        try:
+            phase_eval(args, res, device, ema, meta, val_files)
+        except Exception as e:
+            res.error("eval", e)
+    log.info("eval phase done at %.0f s", elapsed())
+    if "bench" not in args.skip:
+        try:
+            from rawdiff_infer.model import UNet, UNetConfig
+
+            config = ema.config if ema is not None else UNetConfig()
+            state = ema.state_dict() if ema is not None else UNet(config).state_dict()
+            phase_bench(args, res, device, state, config)
+        except Exception as e:
+            res.error("bench", e)
+    res.set("total_seconds", elapsed())
+    log.info("all done at %.0f s", elapsed())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""rawdiff training side: data (synthetic camera, InvISP/FiveK protocol) and the training loop."""

@@ -1,0 +1,339 @@
+"""The paper's training loop: eps-MSE on 64x64 patches, Adam with warm-up + cosine, grad clip, EMA.
+
+Runs on one device or under ``torchrun`` (DistributedDataParallel). Every random draw (which images, crops,
+augmentations, ISP parameters, timesteps, noise) comes from one seeded generator that all ranks advance
+identically over the *global* batch; each rank takes its slice, and DDP averages the gradients, so N processes
+compute the same update as one process with the same global batch (up to floating-point reduction order).
+Resuming restores weights, EMA, optimizer, step and the generator state, so an interrupted run continues exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
+from rawdiff_infer.model import UNet, UNetConfig
+from rawdiff_infer.schedule import Schedule
+
+__all__ = ["TrainConfig", "BatchSource", "Trainer", "lr_at", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    """Training pairs, already on the training device.
+
+    ``batch(n, generator)`` returns (cond, target), both [n, 3, P, P] float32 in [-1, 1] (sRGB condition and
+    gamma-encoded RAW target). All randomness must come from ``generator`` (a CPU torch.Generator; draw
+    indices and parameters with it, then build the batch on the device).
+    """
+
+    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (defaults: the paper's recipe)."""
+
+    steps: int = 20_000
+    batch_size: int = 256            # global batch (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1              # micro-batches per optimizer step (per rank)
+    lr: float = 2e-4
+    lr_min: float = 2e-6
+    warmup: int = 1_000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_start: int = 0               # steps before the EMA starts tracking (copying weights until then)
+    seed: int = 0
+    bf16: bool = True                # autocast on CUDA (ignored on CPU)
+    compile: bool = False            # torch.compile the training forward (CUDA)
+    channels_last: bool = True       # NHWC activations (faster on CUDA and on CPU)
+    ckpt_every: int = 1_000
+    val_every: int = 1_000
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be divisible by grad_accum")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up to lr, then cosine to lr_min."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Owns model, EMA, optimizer, generator and step; ``run`` trains to ``config.steps``.
+
+    Args:
+        source: a BatchSource on ``device``.
+        out_dir: where checkpoints, the CSV log and TensorBoard events go.
+        model_config: U-Net architecture.
+        meta: schedule / encoding / camera / provenance saved with every checkpoint.
+        validate: optional callable(ema_model, step) -> dict of metrics (e.g. {"val_psnr": ...}).
+    """
+
+    def __init__(self, source: BatchSource, out_dir: str | os.PathLike, *, config: TrainConfig | None = None,
+                 model_config: UNetConfig | None = None, meta: ModelMeta | None = None,
+                 device: str | torch.device = "cpu", validate: Callable[[UNet, int], dict] | None = None,
+                 tensorboard: bool = False) -> None:
+        self.cfg = config or TrainConfig()
+        self.source = source
+        self.out = Path(out_dir)
+        self.device = torch.device(device)
+        self.rank, self.world = _dist_info()
+        if self.cfg.batch_size % (self.world * self.cfg.grad_accum):
+            raise ValueError(f"batch_size {self.cfg.batch_size} must divide by world size x grad_accum "
+                             f"({self.world} x {self.cfg.grad_accum})")
+        self.meta = meta or ModelMeta()
+        self.schedule = Schedule(self.meta.schedule)
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
+        self.model = UNet(model_config or self.meta.model).to(self.device)
+        cuda = self.device.type == "cuda"
+        if self.cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = UNet(self.model.config).to(self.device).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, fused=cuda or None)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)  # data: images, crops, ISP draws
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)  # t and eps, on device
+        self.step = 0
+        self.validate = validate
+        self.net: torch.nn.Module = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None)
+        self._fwd = torch.compile(self.net) if (self.cfg.compile and cuda) else self.net
+        self.tensorboard = tensorboard
+        self._tb = None
+
+    # ---- one optimizer step ----------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Draw the global batch (same on every rank) and return this rank's micro-batches."""
+        n = self.cfg.batch_size
+        cond, target = self.source.batch(n, self.generator)
+        t = torch.randint(0, self.schedule.num_timesteps, (n,), generator=self.noise_gen, device=self.device)
+        noise = torch.randn(target.shape, generator=self.noise_gen, device=self.device)
+        per_rank = n // self.world
+        lo = self.rank * per_rank
+        sl = slice(lo, lo + per_rank)
+        cond, target = cond[sl], target[sl]
+        t, noise = t[sl].to(self.device), noise[sl].to(self.device)
+        m = per_rank // self.cfg.grad_accum
+        return [(cond[i:i + m], target[i:i + m], t[i:i + m], noise[i:i + m]) for i in range(0, per_rank, m)]
+
+    def accumulate_gradients(self) -> torch.Tensor:
+        """Forward + backward over this rank's share of one global batch (all micro-batches); the gradients are
+        left in ``.grad`` (averaged over ranks by DDP). Returns the mean loss as a 0-d tensor on the device."""
+        self.model.train()
+        cuda = self.device.type == "cuda"
+        micro = self._micro_batches()
+        total = torch.zeros((), device=self.device)
+        for i, (cond, x0, t, noise) in enumerate(micro):
+            x_t = self.schedule.q_sample(x0, t, noise)
+            if self.cfg.channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+                cond = cond.contiguous(memory_format=torch.channels_last)
+            sync = i == len(micro) - 1 or self.world == 1
+            ctx = self.net.no_sync() if (self.world > 1 and not sync) else _null()
+            with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda and self.cfg.bf16):
+                eps = self._fwd(x_t, cond, t.float())
+                loss = F.mse_loss(eps.float(), noise) / len(micro)
+            loss.backward()
+            total += loss.detach()
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        return total
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step on the global batch (warm-up/cosine lr, grad-norm clip, Adam, EMA); returns the mean
+        loss over the global batch as a 0-d tensor on the device (no host synchronisation here)."""
+        lr = lr_at(self.step, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = self.accumulate_gradients()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._update_ema()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = 0.0 if self.step < self.cfg.ema_start else self.cfg.ema_decay
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):
+            e.copy_(b)
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def save(self, name: str | None = None) -> Path:
+        """Write ``ckpt-<step>/``: EMA weights (model.safetensors, the inference checkpoint), raw weights, optimizer
+        state and generator state (train_state.safetensors + train_state.json). Rank 0 only; atomic per file."""
+        from safetensors.torch import save_file
+
+        d = self.out / (name or f"ckpt-{self.step:07d}")
+        if self.rank != 0:
+            return d
+        d.mkdir(parents=True, exist_ok=True)
+        prov = {**self.meta.provenance, "train_steps": self.step, "train_config": asdict(self.cfg),
+                "weights": "ema", "ema_decay": self.cfg.ema_decay}
+        save_checkpoint(self.ema, d / "model.safetensors", meta=self.meta, **prov)
+        tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous()
+                                            for k, v in self.model.state_dict().items()}
+        opt_state = self.opt.state_dict()
+        scalars: dict[str, Any] = {"step": self.step, "param_groups": opt_state["param_groups"], "opt_scalars": {}}
+        for pid, st in opt_state["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars["opt_scalars"][f"{pid}.{k}"] = float(v)
+        tensors["generator_state"] = self.generator.get_state()
+        tensors["noise_generator_state"] = self.noise_gen.get_state()
+        tmp = d / ".train_state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, d / "train_state.safetensors")
+        tmpj = d / ".train_state.json.tmp"
+        tmpj.write_text(json.dumps(scalars, indent=1))
+        os.replace(tmpj, d / "train_state.json")
+        (self.out / "latest").write_text(d.name + "\n")
+        return d
+
+    def load(self, ckpt_dir: str | os.PathLike) -> None:
+        """Restore a state written by ``save`` (weights, EMA, optimizer, step, generator). No pickle involved."""
+        from safetensors.torch import load_file
+
+        from rawdiff_infer.checkpoint import load_checkpoint
+
+        d = Path(ckpt_dir)
+        if not (d / "train_state.safetensors").exists():
+            raise FileNotFoundError(f"{d}: no train_state.safetensors (not a rawdiff-train checkpoint)")
+        ema, _ = load_checkpoint(d / "model.safetensors", device=self.device)
+        self.ema.load_state_dict(ema.state_dict())
+        tensors = load_file(str(d / "train_state.safetensors"))
+        scalars = json.loads((d / "train_state.json").read_text())
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = v.to(self.device)
+        for k, v in scalars["opt_scalars"].items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = torch.tensor(v)
+        self.opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+        self.generator.set_state(tensors["generator_state"])
+        self.noise_gen.set_state(tensors["noise_generator_state"])
+        self.step = int(scalars["step"])
+
+    # ---- loop ---------------------------------------------------------------------------------------------------
+    def run(self, *, progress: bool = True, max_seconds: float | None = None) -> list[dict[str, float]]:
+        """Train until ``config.steps`` (or until ``max_seconds`` of wall time have passed: then the current step
+        is treated as the last one); checkpoints every ``ckpt_every`` and at the end. Returns the log rows."""
+        from tqdm import tqdm
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        rows: list[dict[str, float]] = []
+        log_path = self.out / "log.csv"
+        new = not log_path.exists()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress or self.rank != 0, unit="step")
+        t0, n0, window = time.perf_counter(), self.step, []
+        started = t0
+        with open(log_path, "a", newline="") if self.rank == 0 else _null() as fh:
+            writer = csv.writer(fh) if self.rank == 0 else None
+            if writer and new:
+                writer.writerow(["step", "loss", "lr", "samples_per_s", "val_psnr"])
+            last = False
+            while self.step < self.cfg.steps and not last:
+                loss = self.train_step()
+                window.append(loss)
+                bar.update(1)
+                last = self.step == self.cfg.steps
+                if max_seconds is not None and not last:
+                    over = time.perf_counter() - started > max_seconds
+                    if self.world > 1:  # every rank stops at the same step
+                        flag = torch.tensor(float(over), device=self.device)
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                        over = bool(flag)
+                    last = over
+                    if last:
+                        log.warning("time budget of %.0f s reached at step %d", max_seconds, self.step)
+                if self.step % self.cfg.log_every == 0 or last:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    dt = time.perf_counter() - t0
+                    sps = (self.step - n0) * self.cfg.batch_size / max(dt, 1e-9)
+                    row = {"step": self.step, "loss": float(torch.stack(window).mean()),
+                           "lr": lr_at(self.step - 1, self.cfg),
+                           "samples_per_s": sps, "val_psnr": float("nan")}
+                    if self.validate and (self.step % self.cfg.val_every == 0 or last) and self.rank == 0:
+                        row.update(self.validate(self.ema, self.step))
+                    rows.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{sps:.0f}")
+                    if writer:
+                        writer.writerow([row["step"], f"{row['loss']:.6f}", f"{row['lr']:.3e}", f"{sps:.1f}",
+                                         f"{row['val_psnr']:.3f}"])
+                        fh.flush()
+                    self._tb_log(row)
+                    t0, n0, window = time.perf_counter(), self.step, []
+                if self.step % self.cfg.ckpt_every == 0 or last:
+                    self.save()
+        bar.close()
+        return rows
+
+    def _tb_log(self, row: dict[str, float]) -> None:
+        if not self.tensorboard or self.rank != 0:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("TensorBoard logging asked for but tensorboard is not installed")
+                self.tensorboard = False
+                return
+            self._tb = SummaryWriter(str(self.out / "tb"))
+        for k, v in row.items():
+            if k != "step" and not math.isnan(v):
+                self._tb.add_scalar(k, v, int(row["step"]))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def train(source: BatchSource, out_dir: str | os.PathLike, **kwargs: Any) -> Trainer:
+    """Build a Trainer and run it (convenience)."""
+    tr = Trainer(source, out_dir, **kwargs)
+    tr.run()
+    return tr

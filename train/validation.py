@@ -1,0 +1,63 @@
+"""Validation during training: PSNR on RAW with the fast sampler through the runtime's own tiled denoiser."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from rawdiff_infer.backends.torch import TorchBackend
+from rawdiff_infer.checkpoint import ModelMeta
+from rawdiff_infer.model import UNet
+from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
+from rawdiff_infer.tiling import TileConfig
+
+__all__ = ["psnr", "ValidationSet", "center_crop"]
+
+
+def psnr(pred: np.ndarray, target: np.ndarray) -> float:
+    """PSNR in dB on [0, 1] data, prediction clamped to [0, 1], peak 1 (InvISP's definition)."""
+    mse = float(np.mean((np.clip(pred, 0.0, 1.0) - target) ** 2))
+    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
+    if size is None:
+        return img
+    h, w = img.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return img[top:top + size, left:left + size]
+
+
+@dataclass
+class ValidationSet:
+    """Fixed validation pairs: sRGB uint8 H x W x 3 inputs and encoded RAW targets (float32 [0, 1]).
+
+    ``__call__(model, step)`` runs the sampler (``method``/``steps``) over every pair with the model's current
+    weights and returns {"val_psnr": mean PSNR in dB} (image-level mean).
+    """
+
+    inputs: Sequence[np.ndarray]
+    targets: Sequence[np.ndarray]
+    meta: ModelMeta
+    device: str = "cpu"
+    method: str = "dpm"
+    steps: int = 10
+    stride: int = 48
+    batch_size: int = 256
+    seed: int = 0
+
+    def __call__(self, model: UNet, step: int) -> dict[str, float]:
+        copy = UNet(model.config)
+        copy.load_state_dict(model.state_dict())
+        dtype = "bf16" if torch.device(self.device).type == "cuda" else "fp32"
+        backend = TorchBackend(copy, self.meta, device=self.device, dtype=dtype)
+        rec = RawReconstructor(backend, sampler=SamplerConfig(method=self.method, steps=self.steps),
+                               tiles=TileConfig(patch_size=model.config.patch_size, stride=self.stride,
+                                                batch_size=self.batch_size))
+        scores = [psnr(rec.reconstruct(x, seed=self.seed).encoded, y) for x, y in zip(self.inputs, self.targets)]
+        backend.close()
+        return {"val_psnr": float(np.mean(scores))}
