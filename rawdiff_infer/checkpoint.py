@@ -155,13 +155,14 @@ def _sniff(path: Path) -> None:
         head = f.read(16)
     if len(head) < 8:
         raise CheckpointError(f"{path}: file is empty or truncated (not a safetensors checkpoint)")
-    if head[:2] == b"PK":
-        raise CheckpointError(f"{path}: a zip / PyTorch .pt archive; rawdiff loads only safetensors "
-                              "(pickles are never unpickled)")
-    if head[:1] == b"\x80":
-        raise CheckpointError(f"{path}: a Python pickle; rawdiff loads only safetensors (pickles are never unpickled)")
     n = int.from_bytes(head[:8], "little")
-    if n <= 0 or n > 100_000_000 or head[8:9] != b"{":
+    if not (0 < n <= 100_000_000 and head[8:9] == b"{"):  # not a safetensors header: say what it is
+        if head[:2] == b"PK":
+            raise CheckpointError(f"{path}: a zip / PyTorch .pt archive; rawdiff loads only safetensors "
+                                  "(pickles are never unpickled)")
+        if head[:1] == b"\x80":
+            raise CheckpointError(f"{path}: a Python pickle; rawdiff loads only safetensors "
+                                  "(pickles are never unpickled)")
         raise CheckpointError(f"{path}: not a safetensors file")
     if os.path.getsize(path) < 8 + n:
         raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes)")

@@ -101,3 +101,24 @@ def test_missing_and_empty(tmp_path: Path) -> None:
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="empty|truncated"):
         load_checkpoint(tmp_path / "empty.safetensors")
+
+
+def test_header_length_128_mod_256_is_not_mistaken_for_a_pickle(tmp_path: Path) -> None:
+    """A safetensors file whose 8-byte header length starts with 0x80 must load (regression)."""
+    from safetensors.torch import save_file
+
+    model = _model()
+    p = save_checkpoint(model, tmp_path / "m.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        header = f.metadata()
+    tensors = {k: v for k, v in model.state_dict().items()}
+    for pad in range(0, 300):  # grow the metadata until the header length is 128 mod 256
+        q = tmp_path / "pad.safetensors"
+        save_file(tensors, str(q), metadata={**header, "pad": "x" * pad})
+        if q.read_bytes()[0] == 0x80:
+            break
+    assert q.read_bytes()[0] == 0x80
+    loaded, _ = load_checkpoint(q)
+    assert torch.equal(next(iter(loaded.state_dict().values())), next(iter(model.state_dict().values())))

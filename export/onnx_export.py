@@ -1,0 +1,390 @@
+"""rawdiff checkpoint -> ONNX graphs (fp32 and fp16), with the model's description inside the file.
+
+Both graphs have the same interface, float32 whatever the precision inside::
+
+    inputs   x_t  [N, 3, P, P] float32   noisy RAW patches (model space)
+             cond [N, 3, P, P] float32   sRGB patches in [-1, 1]
+             t    [N]          float32   timesteps (training units, fractional allowed)
+    output   eps  [N, 3, P, P] float32
+
+N is dynamic, P (the patch size) is fixed. The fp16 graph is the model with its weights cast to fp16 (``model.half()``)
+and a wrapper that casts the output back to fp32; the model itself casts its fp32 inputs to the weights' dtype. The
+fp32 islands that the model writes explicitly survive the export: GroupNorm (lowered to Reshape +
+InstanceNormalization on fp32 tensors, never the ONNX ``GroupNormalization`` op), the attention softmax and the
+sinusoidal timestep embedding (Sin / Cos). A strongly typed TensorRT build then keeps exactly these types.
+
+The ONNX file's ``metadata_props`` hold the rawdiff ``ModelMeta`` JSON (key ``"rawdiff"``), the checkpoint's sha256,
+the precision, patch size, opset and exporter, so an ONNX file alone is enough to run (``read_onnx_meta``).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rawdiff_infer import __version__
+from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
+from rawdiff_infer.model import UNet
+
+__all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "ONNX_FORMAT", "OUTPUT_NAME", "ExportError", "ExportedCheckpoint",
+           "OnnxInfo", "check_graph", "default_out_dir", "export_checkpoint", "export_onnx", "onnx_parity",
+           "op_dtype_counts", "output_stem", "read_onnx_info", "read_onnx_meta"]
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16"]
+INPUT_NAMES = ("x_t", "cond", "t")
+OUTPUT_NAME = "eps"
+ONNX_FORMAT = "rawdiff-onnx/1"
+DEFAULT_OPSET = 17
+OPSETS = (17, 18, 19)
+#: ops whose tensors must be fp16 in the fp16 graph (the heavy arithmetic)
+HALF_OPS = ("Conv", "MatMul", "Gemm")
+#: ops whose tensors must stay fp32 in both graphs (the fp32 islands written in model.py)
+FP32_ISLAND_OPS = ("InstanceNormalization", "Softmax", "Sin", "Cos")
+
+
+class ExportError(Exception):
+    """The export cannot be done or produced an unusable graph (message: one line)."""
+
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """What a rawdiff ONNX file says about itself (from its metadata_props)."""
+
+    meta: ModelMeta
+    precision: str
+    patch_size: int
+    checkpoint_sha256: str
+    opset: int
+    exporter: str
+
+
+@dataclass(frozen=True)
+class ExportedCheckpoint:
+    """Result of ``export_checkpoint``: both graphs and how closely they reproduce the torch model."""
+
+    fp32_path: Path
+    fp16_path: Path
+    meta: ModelMeta
+    checkpoint_sha256: str
+    #: max |onnx - torch| / max |torch| on a random batch (None where not measured)
+    fp32_rel_error: float | None
+    fp16_rel_error: float | None
+    #: what the fp16 graph was compared with
+    fp16_reference: str | None
+
+
+class _FloatOut(nn.Module):
+    """fp32 output whatever the weights' dtype (the model casts its fp32 inputs itself)."""
+
+    def __init__(self, model: UNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x_t, cond, t).float()
+
+
+def _example_inputs(model: UNet, patch: int, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, patch, patch, generator=g)
+    c = torch.rand(batch, cfg.cond_channels, patch, patch, generator=g) * 2 - 1
+    t = torch.linspace(1.0, 999.0, batch)
+    return x, c, t
+
+
+def _torch_export(module: nn.Module, args: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
+    """Trace ``module`` to ONNX bytes. TorchScript exporter (dynamo=False) first, the dynamo exporter otherwise."""
+    dyn = {"x_t": {0: "N"}, "cond": {0: "N"}, "t": {0: "N"}, OUTPUT_NAME: {0: "N"}}
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation of the TorchScript exporter, tracer warnings (constants)
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
+                              output_names=[OUTPUT_NAME], dynamic_axes=dyn, do_constant_folding=True)
+        return buf.getvalue(), f"torch {torch.__version__} torch.onnx.export(dynamo=False)"
+    except (TypeError, NotImplementedError, RuntimeError) as e:  # TorchScript exporter removed or failed
+        log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", str(e).splitlines()[0])
+    batch = torch.export.Dim("N", min=1, max=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
+                                 output_names=[OUTPUT_NAME],
+                                 dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), optimize=True,
+                                 external_data=False, verbose=False)
+    buf = io.BytesIO()
+    prog.save(buf)
+    return buf.getvalue(), f"torch {torch.__version__} torch.onnx.export(dynamo=True)"
+
+
+def _elem_types(model_proto) -> dict[str, int]:
+    """Tensor name -> ONNX elem type, after shape inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=False)
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.input, *g.output]}
+    types.update({init.name: init.data_type for init in g.initializer})
+    for node in g.node:  # Constant nodes: their value's type
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    return types
+
+
+def op_dtype_counts(model_proto_or_path) -> collections.Counter:
+    """Counter of (op type, dtype of its first output) over the graph, dtypes as names ("FLOAT16", "FLOAT", ...)."""
+    import onnx
+
+    m = onnx.load(str(model_proto_or_path)) if isinstance(model_proto_or_path, (str, os.PathLike)) \
+        else model_proto_or_path
+    types = _elem_types(m)
+    name = onnx.TensorProto.DataType.Name
+    return collections.Counter((n.op_type, name(types.get(n.output[0], 0))) for n in m.graph.node)
+
+
+def check_graph(model_proto, precision: Precision) -> list[str]:
+    """Problems with an exported graph (empty list: fine).
+
+    Checks: float32 I/O named as documented; no ``GroupNormalization`` op (GroupNorm must be Reshape +
+    InstanceNormalization); InstanceNormalization / Softmax / Sin / Cos on fp32 tensors (inputs and outputs); for the
+    fp16 graph, Conv / MatMul / Gemm on fp16 tensors and their weights stored in fp16; for the fp32 graph, no fp16
+    anywhere.
+    """
+    import onnx
+
+    TP = onnx.TensorProto
+    problems: list[str] = []
+    g = model_proto.graph
+    types = _elem_types(model_proto)
+    inputs = [i.name for i in g.input if i.name not in {init.name for init in g.initializer}]
+    if tuple(inputs) != INPUT_NAMES or [o.name for o in g.output] != [OUTPUT_NAME]:
+        problems.append(f"graph I/O are {inputs} -> {[o.name for o in g.output]}, expected {list(INPUT_NAMES)} -> "
+                        f"[{OUTPUT_NAME!r}]")
+    for vi in [*g.input, *g.output]:
+        if vi.type.tensor_type.elem_type != TP.FLOAT:
+            problems.append(f"graph I/O {vi.name} is {TP.DataType.Name(vi.type.tensor_type.elem_type)}, not FLOAT")
+    want = {"fp16": TP.FLOAT16, "fp32": TP.FLOAT}[precision]
+    for n in g.node:
+        if n.op_type == "GroupNormalization":
+            problems.append(f"{n.name}: ONNX GroupNormalization op present (TensorRT wants InstanceNormalization)")
+        if n.op_type in FP32_ISLAND_OPS:
+            for tname in [*n.input[:1], *n.output]:
+                if types.get(tname) != TP.FLOAT:
+                    problems.append(f"{n.op_type} {n.name}: tensor {tname} is "
+                                    f"{TP.DataType.Name(types.get(tname, 0))}, must be FLOAT")
+        if n.op_type in HALF_OPS:
+            for tname in [*n.input, *n.output]:
+                if tname and types.get(tname) != want:
+                    problems.append(f"{n.op_type} {n.name}: tensor {tname} is "
+                                    f"{TP.DataType.Name(types.get(tname, 0))}, expected {TP.DataType.Name(want)}")
+        if precision == "fp32":
+            for tname in n.output:
+                if types.get(tname) in (TP.FLOAT16, TP.BFLOAT16):
+                    problems.append(f"{n.op_type} {n.name}: low-precision tensor {tname} in the fp32 graph")
+    if not any(n.op_type == "InstanceNormalization" for n in g.node):
+        problems.append("no InstanceNormalization op: GroupNorm was not lowered as expected")
+    return problems
+
+
+def _file_mode() -> int:
+    """rw for everyone the umask allows (mkstemp's temporaries are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _atomic_save(model_proto, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model_proto, tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_onnx(model: UNet, meta: ModelMeta, path: str | os.PathLike, *, precision: Precision = "fp32",
+                patch_size: int | None = None, opset: int = DEFAULT_OPSET, checkpoint_sha256: str = "",
+                producer_note: str = "") -> Path:
+    """Export ``model`` to an ONNX file (written atomically) and verify it.
+
+    Args:
+        model: the U-Net (not modified: a copy is cast and exported, on the CPU).
+        meta: its description, stored in the file.
+        path: destination ``.onnx``.
+        precision: "fp32", or "fp16" (fp16 weights and activations, fp32 I/O and fp32 islands).
+        patch_size: P, pixels (default: the model's training patch size); must be a multiple of 2**(stages-1).
+        opset: ONNX opset, 17..19.
+        checkpoint_sha256: recorded in the metadata (``file_sha256`` of the checkpoint).
+    Returns the path written. Raises ExportError (one line) if the graph fails the checker or ``check_graph``.
+    """
+    import copy
+
+    import onnx
+
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"unknown precision {precision!r}; choose fp32 or fp16")
+    if opset not in OPSETS:
+        raise ExportError(f"opset {opset} not supported; choose one of {', '.join(map(str, OPSETS))}")
+    cfg = model.config
+    p = int(patch_size or cfg.patch_size)
+    step = 2 ** (len(cfg.channel_mults) - 1)
+    if p < step or p % step:
+        raise ExportError(f"patch size {p} must be a positive multiple of {step} for this U-Net")
+    m = copy.deepcopy(model).to(device="cpu", dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
+    m.set_fused_attention(False)  # the explicit fp32-softmax attention
+    args = _example_inputs(m, p)
+    with torch.no_grad():
+        data, exporter = _torch_export(_FloatOut(m), args, opset)
+    proto = onnx.load_model_from_string(data)
+    props = {"rawdiff": meta.to_json(), "rawdiff.format": ONNX_FORMAT, "rawdiff.precision": precision,
+             "rawdiff.patch_size": str(p), "rawdiff.checkpoint_sha256": checkpoint_sha256,
+             "rawdiff.opset": str(opset), "rawdiff.exporter": exporter, "rawdiff.version": __version__}
+    if producer_note:
+        props["rawdiff.note"] = producer_note
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.doc_string = (f"rawdiff eps-model U-Net, {precision}, patch {p}x{p}, dynamic batch; "
+                        f"inputs x_t/cond [N,3,{p},{p}] float32, t [N] float32; output eps [N,3,{p},{p}] float32")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported {precision} graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    problems = check_graph(proto, precision)
+    if problems:
+        raise ExportError(f"exported {precision} graph is wrong: {problems[0]} (+{len(problems) - 1} more)")
+    out = Path(path)
+    _atomic_save(proto, out)
+    log.info("wrote %s (%s, %.1f MB)", out, precision, out.stat().st_size / 1e6)
+    return out
+
+
+def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
+    """The rawdiff description stored in an ONNX file (without loading its weights into a session)."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"{p}: no such ONNX file")
+    try:
+        proto = onnx.load_model(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types
+        raise ExportError(f"{p}: not an ONNX file ({type(e).__name__})") from None
+    props = {kv.key: kv.value for kv in proto.metadata_props}
+    if "rawdiff" not in props:
+        raise ExportError(f"{p}: ONNX file without a rawdiff description (not exported by rawdiff-export)")
+    try:
+        meta = ModelMeta.from_dict(json.loads(props["rawdiff"]))
+        return OnnxInfo(meta=meta, precision=props.get("rawdiff.precision", "fp32"),
+                        patch_size=int(props.get("rawdiff.patch_size", meta.model.patch_size)),
+                        checkpoint_sha256=props.get("rawdiff.checkpoint_sha256", ""),
+                        opset=int(props.get("rawdiff.opset", 0)), exporter=props.get("rawdiff.exporter", ""))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{p}: invalid rawdiff description in ONNX metadata ({e})") from None
+
+
+def read_onnx_meta(path: str | os.PathLike) -> ModelMeta:
+    """The rawdiff ``ModelMeta`` stored in an ONNX file."""
+    return read_onnx_info(path).meta
+
+
+def _rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref| (relative to the reference's scale, so near-zero entries do not blow it up)."""
+    a, ref = a.double(), ref.double()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def onnx_parity(onnx_path: str | os.PathLike, model: UNet, *, precision: Precision = "fp32", batch: int = 2,
+                seed: int = 1) -> tuple[float, str]:
+    """Max relative error of onnxruntime (CPU) on ``onnx_path`` against the torch model, and what was compared.
+
+    fp32: the fp32 model. fp16: the same weights in fp16 run by torch on the CPU (fp32 GroupNorm / softmax / embedding
+    as in the graph); where torch has no fp16 CPU kernels, the fp32 model with fp16-rounded weights.
+    """
+    import copy
+
+    import onnxruntime as ort
+
+    info = read_onnx_info(onnx_path)
+    m = copy.deepcopy(model).to("cpu").eval()
+    m.set_fused_attention(False)
+    x, c, t = _example_inputs(m, info.patch_size, batch, seed)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    out = torch.from_numpy(sess.run([OUTPUT_NAME], {"x_t": x.numpy(), "cond": c.numpy(), "t": t.numpy()})[0])
+    with torch.no_grad():
+        if precision == "fp32":
+            ref, what = m.float()(x, c, t).float(), "torch fp32 (CPU)"
+        else:
+            try:
+                ref, what = m.half()(x, c, t).float(), "torch fp16 weights+activations (CPU)"
+            except (RuntimeError, NotImplementedError):
+                m = m.half().float()
+                ref, what = m(x, c, t).float(), "torch fp32 with fp16-rounded weights (CPU)"
+    return _rel_error(out, ref), what
+
+
+def output_stem(ckpt: Path) -> str:
+    if ckpt.is_dir() or ckpt.name == "rawdiff.json":
+        d = ckpt if ckpt.is_dir() else ckpt.parent
+        return d.name or "model"
+    name = ckpt.name
+    for suffix in (".safetensors",):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return ckpt.stem
+
+
+def default_out_dir(ckpt: str | os.PathLike) -> Path:
+    """Next to the checkpoint: its folder (a file's parent; a sharded checkpoint's own directory)."""
+    p = Path(ckpt)
+    if p.is_dir():
+        return p
+    return p.parent
+
+
+def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                      patch_size: int | None = None, opset: int = DEFAULT_OPSET, parity: bool = True,
+                      stem: str | None = None) -> ExportedCheckpoint:
+    """Write ``<stem>.onnx`` (fp32) and ``<stem>.fp16.onnx`` for a checkpoint, each checked, and measure parity.
+
+    Raises CheckpointError for a bad checkpoint, ExportError for a failed export.
+    """
+    ckpt = Path(ckpt)
+    model, meta = load_checkpoint(ckpt)  # CheckpointError propagates (the CLI prints it)
+    sha = file_sha256(ckpt)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt)
+    name = stem or output_stem(ckpt)
+    fp32 = export_onnx(model, meta, out / f"{name}.onnx", precision="fp32", patch_size=patch_size, opset=opset,
+                       checkpoint_sha256=sha)
+    fp16 = export_onnx(model, meta, out / f"{name}.fp16.onnx", precision="fp16", patch_size=patch_size, opset=opset,
+                       checkpoint_sha256=sha)
+    e32 = e16 = None
+    what = None
+    if parity:
+        e32, _ = onnx_parity(fp32, model, precision="fp32")
+        e16, what = onnx_parity(fp16, model, precision="fp16")
+    return ExportedCheckpoint(fp32, fp16, meta, sha, e32, e16, what)
+

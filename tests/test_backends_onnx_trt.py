@@ -1,0 +1,349 @@
+"""ONNX Runtime and TensorRT backends: contract, agreement with the torch backend, engine compatibility rules.
+
+TensorRT execution needs an NVIDIA GPU and a TensorRT runtime that supports it; those tests carry the ``tensorrt``
+marker and skip with the reason printed where either is missing. Everything else runs on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rawdiff_export import BuildOptions, export_onnx
+from rawdiff_infer.backends import BackendError
+from rawdiff_infer.backends.onnxruntime import OnnxRuntimeBackend
+from rawdiff_infer.backends.tensorrt import (GpuInfo, RuntimeEnv, TensorRTBackend, TensorRTNotFound,
+                                             check_engine_compat, detect_gpu, gpu_slug, load_tensorrt, parse_cc,
+                                             parse_version, read_sidecar, sidecar_path)
+from rawdiff_infer.backends.torch import TorchBackend
+from rawdiff_infer.checkpoint import ModelMeta
+from rawdiff_infer.model import UNet
+from rawdiff_infer.samplers import sample
+from rawdiff_infer.schedule import Schedule
+from rawdiff_infer.tiling import TileConfig, TiledDenoiser
+
+from conftest import TINY_CONFIG
+
+META = ModelMeta(model=TINY_CONFIG, provenance={"note": "backend tests"})
+
+
+def _model() -> UNet:
+    torch.manual_seed(0)
+    m = UNet(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[UNet, Path, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    m = _model()
+    return (m, export_onnx(m, META, d / "tiny.onnx", precision="fp32"),
+            export_onnx(m, META, d / "tiny.fp16.onnx", precision="fp16"))
+
+
+def _batch(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 64, 64, generator=g), torch.rand(n, 3, 64, 64, generator=g) * 2 - 1,
+            torch.rand(n, generator=g) * 999)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+# ---- ONNX Runtime -----------------------------------------------------------------------------------------------
+
+def test_onnx_backend_contract(onnx_files) -> None:
+    _, fp32, _ = onnx_files
+    b = OnnxRuntimeBackend.from_file(fp32, max_batch_size=4)
+    assert b.name == "onnx" and b.meta == META and b.device == torch.device("cpu")
+    assert b.input_dtype == torch.float32 and b.max_batch_size == 4
+    assert "CPUExecutionProvider" in b.providers and "fp32 graph" in b.describe()
+    x, c, t = _batch(3)
+    out = b(x, c, t)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    out2 = b(x, c, t)
+    assert out.data_ptr() != out2.data_ptr() and torch.equal(out, out2)  # deterministic, caller-owned
+    out.zero_()
+    assert not torch.equal(out, b(x, c, t))
+    with pytest.raises(BackendError, match="exceeds"):
+        b(*_batch(5))
+    with pytest.raises(BackendError, match=r"\[N, 3, 64, 64\]"):
+        b(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), torch.zeros(2))
+    with b:
+        pass
+    with pytest.raises(BackendError, match="closed"):
+        b(x, c, t)
+
+
+def test_onnx_backend_matches_torch(onnx_files) -> None:
+    model, fp32, fp16 = onnx_files
+    ref_backend = TorchBackend(model, META, dtype="fp32")
+    x, c, t = _batch(4, seed=1)
+    ref = ref_backend(x, c, t)
+    e32 = _rel(OnnxRuntimeBackend(fp32)(x, c, t), ref)
+    e16 = _rel(OnnxRuntimeBackend(fp16)(x, c, t), ref)
+    print(f"\nonnx backend vs torch fp32: fp32 graph {e32:.2e}, fp16 graph {e16:.2e} (max relative error)")
+    assert e32 < 1e-4
+    assert e16 < 3e-2
+
+
+def test_onnx_backend_through_the_tiled_sampler(onnx_files) -> None:
+    """Backend agreement on a whole canvas: broadcast t (expand), strided patches, padded batches."""
+    model, fp32, _ = onnx_files
+    g = torch.Generator().manual_seed(0)
+    cond = torch.rand(1, 3, 70, 90, generator=g) * 2 - 1
+    x_T = torch.randn(1, 3, 70, 90, generator=g)
+    cfg = TileConfig(stride=48, batch_size=3)
+    outs = []
+    for backend in (TorchBackend(model, META, dtype="fp32"), OnnxRuntimeBackend(fp32)):
+        outs.append(sample(TiledDenoiser(backend, cond, cfg), x_T.clone(), Schedule(), "ddim", 4))
+    mse = ((outs[0] - outs[1]) / 2).pow(2).mean().item()
+    psnr = 10 * math.log10(1 / max(mse, 1e-30))
+    print(f"\ntorch vs onnx backend through 4 DDIM steps: PSNR {psnr:.1f} dB")
+    assert psnr > 80
+
+
+def test_onnx_backend_errors(tmp_path: Path, onnx_files) -> None:
+    _, fp32, _ = onnx_files
+    with pytest.raises(BackendError, match="no such ONNX file"):
+        OnnxRuntimeBackend(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(BackendError, match="cannot load"):
+        OnnxRuntimeBackend(tmp_path / "junk.onnx")
+    import onnx
+
+    proto = onnx.load(str(fp32))
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "plain.onnx")
+    with pytest.raises(BackendError, match="without a rawdiff description"):
+        OnnxRuntimeBackend(tmp_path / "plain.onnx")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="torch sees no CUDA"):
+            OnnxRuntimeBackend(fp32, device="cuda")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendError, match="onnxruntime-gpu"):
+            OnnxRuntimeBackend(fp32, providers=["cuda"])
+
+
+@pytest.mark.gpu
+def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    model, fp32, _ = onnx_files
+    b = OnnxRuntimeBackend(fp32, device="cuda")
+    x, c, t = (v.cuda() for v in _batch(4))
+    out = b(x, c, t)
+    assert out.is_cuda and out.dtype == torch.float32
+    ref = TorchBackend(model, META, dtype="fp32")(*_batch(4))
+    assert _rel(out.cpu(), ref) < 1e-3
+
+
+# ---- TensorRT: pure parts (no GPU) ------------------------------------------------------------------------------
+
+def _sidecar(**over) -> dict:
+    d = {"format": "rawdiff-trt-engine/1", "tensorrt": {"flavour": "tensorrt", "version": "10.13.0.35"},
+         "target": {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "compute_capabilities": None},
+         "options": {"version_compatible": False, "hardware_compatible": False},
+         "profile": {"min_batch": 1, "opt_batch": 64, "max_batch": 256, "patch_size": 64},
+         "onnx": {"path": "/nonexistent/model.fp16.onnx", "sha256": "0" * 64, "precision": "fp16"},
+         "rawdiff": META.to_dict()}
+    for k, v in over.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) else v
+    return d
+
+
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+H200 = GpuInfo("NVIDIA H200", (9, 0))
+A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
+RTX4090 = GpuInfo("NVIDIA GeForce RTX 4090", (8, 9))
+T4 = GpuInfo("Tesla T4", (7, 5))
+
+
+def test_compat_tensorrt_same_gpu_and_version() -> None:
+    assert check_engine_compat(_sidecar(), RuntimeEnv("tensorrt", "10.13.0.35", H100)) == ([], [])
+
+
+@pytest.mark.parametrize("env, match", [
+    (RuntimeEnv("tensorrt", "10.13.0.35", A100), "compute capability 9.0"),
+    (RuntimeEnv("tensorrt", "10.13.0.35", H200), "specific to the GPU model"),
+    (RuntimeEnv("tensorrt", "10.14.1.48", H100), "exact release"),
+    (RuntimeEnv("tensorrt-rtx", "1.7.1.116", H100), "built with tensorrt 10.13.0.35, running tensorrt-rtx"),
+    (RuntimeEnv("tensorrt", "10.13.0.35", None), "no CUDA GPU"),
+])
+def test_compat_tensorrt_refusals(env: RuntimeEnv, match: str) -> None:
+    errors, _ = check_engine_compat(_sidecar(), env)
+    assert errors and match in errors[0], errors
+
+
+def test_compat_tensorrt_version_and_hardware_compatible() -> None:
+    vc = _sidecar(options={"version_compatible": True})
+    errors, warnings = check_engine_compat(vc, RuntimeEnv("tensorrt", "10.14.1.48", H100))
+    assert errors == [] and "may be slower" in warnings[0]
+    assert check_engine_compat(vc, RuntimeEnv("tensorrt", "11.4.0.106", H100))[0] == []
+    assert check_engine_compat(vc, RuntimeEnv("tensorrt", "10.12.0.36", H100))[0]  # older runtime
+    assert check_engine_compat(vc, RuntimeEnv("tensorrt", "12.0.0.1", H100))[0]  # two majors later
+    hw = _sidecar(options={"hardware_compatible": True})
+    assert check_engine_compat(hw, RuntimeEnv("tensorrt", "10.13.0.35", A100))[0] == []
+    assert "Ampere" in check_engine_compat(hw, RuntimeEnv("tensorrt", "10.13.0.35", T4))[0][0]
+
+
+def test_compat_tensorrt_rtx() -> None:
+    base = {"tensorrt": {"flavour": "tensorrt-rtx", "version": "1.7.1.116"}}
+    aot = _sidecar(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none", "compute_capabilities": []})
+    assert check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.7.1.116", RTX4090)) == ([], [])
+    errors, _ = check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.7.1.116", H100))
+    assert "default targets" in errors[0]
+    assert check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.8.0.10", RTX4090))[0]  # another release
+    named = _sidecar(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none",
+                                     "compute_capabilities": ["8.6", "12.0"]})
+    assert check_engine_compat(named, RuntimeEnv("tensorrt-rtx", "1.7.1.116", GpuInfo("RTX 5090", (12, 0))))[0] == []
+    errors, _ = check_engine_compat(named, RuntimeEnv("tensorrt-rtx", "1.7.1.116", RTX4090))
+    assert "8.6, 12.0" in errors[0] and "8.9" in errors[0]
+
+
+def test_small_parsers() -> None:
+    assert parse_cc("8.6") == parse_cc("sm86") == parse_cc("sm_86") == parse_cc("86") == (8, 6)
+    assert parse_cc("SM120") == parse_cc("12.0") == (12, 0)
+    with pytest.raises(ValueError):
+        parse_cc("ampere")
+    assert parse_version("10.13.0.35") == (10, 13, 0, 35)
+    assert gpu_slug("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
+    assert sidecar_path("a/m.rtx.plan") == Path("a/m.rtx.plan.json")
+
+
+def test_load_tensorrt_disabled_and_missing(monkeypatch) -> None:
+    monkeypatch.setenv("RAWDIFF_TENSORRT", "none")
+    with pytest.raises(TensorRTNotFound, match="pip install tensorrt-rtx"):
+        load_tensorrt()
+    monkeypatch.setenv("RAWDIFF_TENSORRT", "tensorrt_nonexistent_flavour")
+    with pytest.raises(TensorRTNotFound, match="names no known TensorRT module"):
+        load_tensorrt()
+
+
+def test_read_sidecar_errors(tmp_path: Path) -> None:
+    eng = tmp_path / "m.plan"
+    eng.write_bytes(b"plan")
+    with pytest.raises(ValueError, match="sidecar missing"):
+        read_sidecar(eng)
+    sidecar_path(eng).write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        read_sidecar(eng)
+    sidecar_path(eng).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="unknown sidecar format"):
+        read_sidecar(eng)
+    sidecar_path(eng).write_text(json.dumps(_sidecar()))
+    assert read_sidecar(eng)["profile"]["max_batch"] == 256
+
+
+def test_tensorrt_backend_clear_errors_without_gpu(tmp_path: Path) -> None:
+    eng = tmp_path / "m.plan"
+    with pytest.raises(BackendError, match="no such engine file"):
+        TensorRTBackend(eng)
+    eng.write_bytes(b"plan")
+    with pytest.raises(BackendError, match="sidecar missing"):
+        TensorRTBackend.from_file(eng)
+    sidecar_path(eng).write_text(json.dumps(_sidecar()))
+    with pytest.raises(BackendError, match="CUDA devices only"):
+        TensorRTBackend(eng, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="needs a CUDA GPU"):
+            TensorRTBackend.from_file(eng)
+
+
+# ---- TensorRT: execution (NVIDIA GPU + a TensorRT runtime that supports it) ----------------------------------
+
+def _trt_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA GPU (torch sees no CUDA device)"
+    try:
+        trt = load_tensorrt()
+    except TensorRTNotFound as e:
+        return str(e)
+    gpu = detect_gpu(torch.cuda.current_device())
+    if trt.is_rtx and gpu is not None and (gpu.compute_capability < (7, 5) or gpu.compute_capability[0] in (9, 10, 11)):
+        return f"TensorRT-RTX does not support {gpu.name} (compute capability {gpu.cc})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def engine(onnx_files, tmp_path_factory: pytest.TempPathFactory):
+    reason = _trt_skip_reason()
+    if reason:
+        print(f"\nskipping TensorRT execution tests: {reason}")
+        pytest.skip(reason)
+    from rawdiff_export.trt_build import build_engine
+
+    model, _, fp16 = onnx_files
+    d = tmp_path_factory.mktemp("engine")
+    res = build_engine(fp16, d / "tiny.plan", options=BuildOptions(min_batch=1, opt_batch=8, max_batch=16))
+    return model, res
+
+
+def _ref_fp16(model: UNet, x, c, t) -> torch.Tensor:
+    m = UNet(TINY_CONFIG).eval()
+    m.load_state_dict(model.state_dict())
+    m = m.cuda().half()
+    m.set_fused_attention(False)
+    with torch.no_grad():
+        return m(x.cuda(), c.cuda(), t.cuda()).float()
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_matches_torch_fp16(engine) -> None:
+    model, res = engine
+    with TensorRTBackend.from_file(res.engine_path) as b:
+        assert b.name == "trt" and b.meta == META and b.max_batch_size == 16
+        for n in (1, 5, 16, 3):  # shapes change between calls
+            x, c, t = (v.cuda() for v in _batch(n, seed=n))
+            out = b(x, c, t)
+            assert out.shape == (n, 3, 64, 64) and out.dtype == torch.float32 and out.is_cuda
+            err = _rel(out, _ref_fp16(model, x, c, t))
+            print(f"\nTensorRT fp16 engine vs torch fp16 (batch {n}): max relative error {err:.2e}")
+            assert err < 2e-2
+        out1 = b(x, c, t)
+        out2 = b(x, c, t)
+        assert out1.data_ptr() != out2.data_ptr() and torch.allclose(out1, out2)
+        with pytest.raises(BackendError, match="exceeds"):
+            b(*(v.cuda() for v in _batch(17)))
+    b.close()  # idempotent
+    with pytest.raises(BackendError, match="closed"):
+        b.infer(x, c, t)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_cuda_graph_equals_eager(engine) -> None:
+    _, res = engine
+    x, c, t = (v.cuda() for v in _batch(5, seed=7))
+    with TensorRTBackend(res.engine_path) as eager, TensorRTBackend(res.engine_path, cuda_graph=True) as graphed:
+        assert graphed.fixed_batch_size == 16
+        a = eager(x, c, t)
+        b1 = graphed(x, c, t)
+        b2 = graphed(*(v.cuda() for v in _batch(9, seed=8)))
+        assert torch.allclose(a, b1, rtol=1e-3, atol=1e-3) and b2.shape[0] == 9
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_refuses_foreign_engine_and_rebuilds(engine, tmp_path: Path) -> None:
+    _, res = engine
+    side = json.loads(res.sidecar_path.read_text())
+    side["tensorrt"]["version"] = "0.0.1"
+    foreign = tmp_path / "foreign.plan"
+    foreign.write_bytes(res.engine_path.read_bytes())
+    sidecar_path(foreign).write_text(json.dumps(side))
+    with pytest.raises(BackendError, match="exact release|cannot run"):
+        TensorRTBackend(foreign)
+    with TensorRTBackend(foreign, rebuild=True) as b:
+        assert b.engine_path != foreign and b.engine_path.parent == tmp_path
+        assert b(*(v.cuda() for v in _batch(2))).shape == (2, 3, 64, 64)
