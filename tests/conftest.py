@@ -16,6 +16,18 @@ SHARED_DATA = Path(os.environ.get("RAWDIFF_SHARED_DATA", Path(__file__).resolve(
 TINY_CONFIG = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
 
 
+def perturbed_tiny_model(seed: int = 0):
+    """TINY_CONFIG with every parameter perturbed (GroupNorm affines too, so no two norms share weights)."""
+    from rawdiff_infer.model import UNet
+
+    torch.manual_seed(seed)
+    m = UNet(TINY_CONFIG).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

@@ -26,18 +26,13 @@ from rawdiff_infer.samplers import sample
 from rawdiff_infer.schedule import Schedule
 from rawdiff_infer.tiling import TileConfig, TiledDenoiser
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, perturbed_tiny_model
 
 META = ModelMeta(model=TINY_CONFIG, provenance={"note": "backend tests"})
 
 
 def _model() -> UNet:
-    torch.manual_seed(0)
-    m = UNet(TINY_CONFIG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed_tiny_model(0)
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,11 @@ from rawdiff_export.onnx_export import _rel_error
 from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint, save_checkpoint
 from rawdiff_infer.model import UNet, UNetConfig
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, perturbed_tiny_model
 
 
 def _tiny_model(seed: int = 0) -> UNet:
-    """TINY_CONFIG with every parameter perturbed (GroupNorm affines too, so no two norms share weights)."""
-    torch.manual_seed(seed)
-    m = UNet(TINY_CONFIG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
+    return perturbed_tiny_model(seed)
 
 
 @pytest.fixture(scope="module")
