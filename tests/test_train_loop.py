@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -171,3 +172,16 @@ def test_cli_errors(tmp_path: Path) -> None:
     empty.mkdir()
     r = _cli(["--photos", str(empty), "--out", str(tmp_path / "x")])
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_time_budget_shortens_the_schedule_so_it_still_ends_at_lr_min(toy, tmp_path: Path) -> None:
+    tr = _trainer(toy, tmp_path, steps=100_000, warmup=5)
+    t0 = time.perf_counter()
+    tr.run(progress=False, max_seconds=12.0)
+    took = time.perf_counter() - t0
+    # the schedule was shortened to what the budget allows and the run got (nearly) to its end; on a quiet
+    # machine exactly to its end, where the learning rate is lr_min; CPU load from other jobs can slow later steps
+    assert 25 < tr.cfg.steps < 1000 and tr.step >= 0.5 * tr.cfg.steps
+    assert lr_at(tr.cfg.steps - 1, tr.cfg) == pytest.approx(tr.cfg.lr_min, rel=0.05)
+    assert lr_at(tr.step - 1, tr.cfg) < 0.6 * tr.cfg.lr
+    assert took < 12.0 * 1.5 + 3

@@ -10,6 +10,7 @@ Resuming restores weights, EMA, optimizer, step and the generator state, so an i
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -254,9 +255,15 @@ class Trainer:
         self.step = int(scalars["step"])
 
     # ---- loop ---------------------------------------------------------------------------------------------------
-    def run(self, *, progress: bool = True, max_seconds: float | None = None) -> list[dict[str, float]]:
-        """Train until ``config.steps`` (or until ``max_seconds`` of wall time have passed: then the current step
-        is treated as the last one); checkpoints every ``ckpt_every`` and at the end. Returns the log rows."""
+    def run(self, *, progress: bool = True, max_seconds: float | None = None,
+            fit_schedule: bool = True) -> list[dict[str, float]]:
+        """Train until ``config.steps``; checkpoints every ``ckpt_every`` and at the end. Returns the log rows.
+
+        With ``max_seconds`` (wall time) the run also stops when the budget is spent. ``fit_schedule`` then
+        shortens ``config.steps`` once, after timing the steps from the 20th of this run (compilation excluded)
+        to the 100th (or until 30 % of the budget has passed), to the number of steps that fit the budget, so
+        that the warm-up/cosine schedule still ends at ``lr_min`` instead of being cut off at a high rate.
+        """
         from tqdm import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
@@ -271,10 +278,22 @@ class Trainer:
             if writer and new:
                 writer.writerow(["step", "loss", "lr", "samples_per_s", "val_psnr"])
             last = False
+            first, s_calib, fitted = self.step, self.step, False
+            t_calib: float | None = None
             while self.step < self.cfg.steps and not last:
                 loss = self.train_step()
                 window.append(loss)
                 bar.update(1)
+                if max_seconds is not None and fit_schedule and not fitted:
+                    done = self.step - first
+                    if t_calib is None and done == 20:
+                        self._sync()
+                        t_calib, s_calib = time.perf_counter(), self.step
+                    elif t_calib is not None and (done == 100 or (self.step - s_calib >= 5 and
+                                                                 time.perf_counter() - started > 0.3 * max_seconds)):
+                        self._fit_schedule(max_seconds, started, t_calib, s_calib)
+                        fitted = True
+                        bar.total = self.cfg.steps
                 last = self.step == self.cfg.steps
                 if max_seconds is not None and not last:
                     over = time.perf_counter() - started > max_seconds
@@ -307,6 +326,27 @@ class Trainer:
                     self.save()
         bar.close()
         return rows
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _fit_schedule(self, max_seconds: float, started: float, t_calib: float, s_calib: int) -> None:
+        """Measure the step time since ``s_calib`` (after compilation) and shorten ``config.steps`` to what the
+        remaining budget allows (never lengthen it). Every rank reaches the same result."""
+        self._sync()
+        now = time.perf_counter()
+        per_step = (now - t_calib) / max(1, self.step - s_calib)
+        remaining = max_seconds - (now - started)
+        if self.world > 1:
+            v = torch.tensor([per_step, -remaining], device=self.device, dtype=torch.float64)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)  # slowest rank, least time left
+            per_step, remaining = float(v[0]), -float(v[1])
+        fit = self.step + int(0.92 * remaining / max(per_step, 1e-9))
+        if fit < self.cfg.steps:
+            log.warning("%.1f ms per step: %d steps fit the time budget (of %d planned); the lr schedule now ends "
+                        "there", per_step * 1e3, fit, self.cfg.steps)
+            self.cfg = dataclasses.replace(self.cfg, steps=max(fit, self.step + 1))
 
     def _tb_log(self, row: dict[str, float]) -> None:
         if not self.tensorboard or self.rank != 0:
