@@ -207,10 +207,9 @@ def bench_image(backend: Backend, image: np.ndarray | Path, *, sampler: str = "d
             write_s = time.perf_counter() - t1
     fl = flops_per_patch(backend.meta.model, P) * out.patches * (out.steps if merge == "step" else out.steps)
     med = statistics.median(times)
-    psnr = None
-    if reference is not None:
-        mse = float(np.mean((np.clip(out.encoded, 0, 1) - reference) ** 2))
-        psnr = 10 * np.log10(1.0 / max(mse, 1e-12))
+    from rawdiff_infer.metrics import psnr as _psnr
+
+    psnr = _psnr(out.encoded, reference) if reference is not None else None
     h, w = pixels.shape[:2]
     return ImageResult(backend=backend.name, variant=variant or backend.describe(), sampler=sampler, steps=out.steps,
                        merge=merge, width=w, height=h, patches=out.patches, decode_s=decode_s, denoise_s=med,

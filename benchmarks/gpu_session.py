@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rawdiff_infer.metrics import psnr
+
 T0 = time.perf_counter()
 VAL_NAMES = ("kodim03", "kodim07", "kodim13")  # held out from training (768x512 each)
 log = logging.getLogger("gpu_session")
@@ -61,11 +63,6 @@ class Results:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
-
-
-def psnr(pred: np.ndarray, target: np.ndarray) -> float:
-    mse = float(np.mean((np.clip(pred, 0, 1) - target) ** 2))
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def make_pairs(files, *, camera, seed: int, variants: int, workers: int):
@@ -104,8 +101,7 @@ def phase_train(args, res: Results, device: str):
     del pairs
     res.phase("train", data_seconds=time.perf_counter() - t, pool_images=len(pool), pool_mb=pool.nbytes / 1e6,
               train_files=[p.name for p in train_files], val_files=[p.name for p in val_files])
-    cfg_model = UNetConfig() if not args.tiny else UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2),
-                                                              head_channels=16, groups=8)
+    cfg_model = UNetConfig.tiny() if args.tiny else UNetConfig()
     meta = ModelMeta(model=cfg_model, schedule=ScheduleConfig(), camera=cam, provenance={
         "data": "synthetic camera (nikon-d700) over shared/data/photos",
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],

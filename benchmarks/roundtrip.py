@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from rawdiff_infer.camera import Camera
 from rawdiff_infer.io import write_dng
+from rawdiff_infer.metrics import psnr
 
 __all__ = ["render_with_libraw", "roundtrip_psnr"]
 
@@ -30,6 +30,5 @@ def roundtrip_psnr(linear: np.ndarray, photo: np.ndarray, camera: Camera) -> flo
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.dng"
         write_dng(p, linear, camera=camera)
-        img = render_with_libraw(p).astype(np.float64)
-    mse = float(np.mean((img - photo.astype(np.float64)) ** 2))
-    return 10 * math.log10(255.0**2 / max(mse, 1e-12))
+        img = render_with_libraw(p)
+    return psnr(img, photo, peak=255.0)

@@ -19,7 +19,6 @@ from .bench import (IMAGE_COLUMNS, UNET_COLUMNS, ImageResult, UnetResult, bench_
 
 __all__ = ["Report", "run_benchmarks", "torch_variant"]
 
-TINY = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
 
 
 @dataclass
@@ -111,7 +110,7 @@ def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str
         model, meta = load_checkpoint(ckpt)
     else:
         torch.manual_seed(0)
-        cfg = UNetConfig() if config_name == "paper" else TINY
+        cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
         model, meta = UNet(cfg).eval(), ModelMeta(model=cfg)
     variants = list(variants) or (["eager", "cl"] if cuda else ["eager"])
     dtypes = list(dtypes) or (["fp16"] if cuda else ["fp32"])

@@ -76,6 +76,11 @@ class UNetConfig:
         if self.patch_size % (2 ** (len(self.channel_mults) - 1)):
             raise ValueError("patch_size must be divisible by 2**(stages-1)")
 
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """The paper's topology with 16 base channels (0.29 M parameters): tests, CPU trials, rehearsals."""
+        return cls(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channel_mults"] = list(self.channel_mults)

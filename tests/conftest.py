@@ -13,7 +13,7 @@ from rawdiff_infer.model import UNetConfig
 SHARED_DATA = Path(os.environ.get("RAWDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 #: a small U-Net for fast CPU tests (same topology as the paper's, fewer channels)
-TINY_CONFIG = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
+TINY_CONFIG = UNetConfig.tiny()
 
 
 def perturbed_tiny_model(seed: int = 0):

@@ -110,3 +110,14 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         UNetConfig.from_dict({"base_channels": 64, "bogus": 1})
     assert UNetConfig.from_dict(UNetConfig().to_dict()) == UNetConfig()
+
+
+def test_psnr_definition() -> None:
+    import numpy as np
+
+    from rawdiff_infer.metrics import psnr
+
+    t = np.full((4, 4, 3), 0.5)
+    assert psnr(t + 0.1, t) == pytest.approx(20.0)
+    assert psnr(np.full_like(t, 2.0), np.ones_like(t)) > 100  # the prediction is clamped to the peak first
+    assert psnr(np.full((2, 2), 110.0), np.full((2, 2), 100.0), peak=255.0) == pytest.approx(20 * np.log10(25.5))

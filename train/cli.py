@@ -160,10 +160,7 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, c
     except (RawFileError, ValueError, OSError) as e:
         click.echo(f"rawdiff-train: error: {e}", err=True)
         return 1
-    from .fivek import RawFileError as _  # noqa: F401  (kept for clarity of the except above)
-
-    tiny = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8)
-    model_cfg = UNetConfig() if config_name == "paper" else tiny
+    model_cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
     meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=schedule), camera=cam, provenance=desc)
     pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
     del pairs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,17 +10,12 @@ import torch
 
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
+from rawdiff_infer.metrics import psnr
 from rawdiff_infer.model import UNet
 from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
 from rawdiff_infer.tiling import TileConfig
 
-__all__ = ["psnr", "ValidationSet", "center_crop"]
-
-
-def psnr(pred: np.ndarray, target: np.ndarray) -> float:
-    """PSNR in dB on [0, 1] data, prediction clamped to [0, 1], peak 1 (InvISP's definition)."""
-    mse = float(np.mean((np.clip(pred, 0.0, 1.0) - target) ** 2))
-    return 10.0 * math.log10(1.0 / max(mse, 1e-12))
+__all__ = ["ValidationSet", "center_crop"]
 
 
 def center_crop(img: np.ndarray, size: int | None) -> np.ndarray:
