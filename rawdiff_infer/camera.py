@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["Camera", "CAMERAS", "DEFAULT_CAMERA", "get_camera", "CFA_PATTERNS"]
+__all__ = ["Camera", "CAMERAS", "DEFAULT_CAMERA", "get_camera", "CFA_PATTERNS", "SRGB_TO_XYZ"]
+
+#: Linear sRGB (D65) -> CIE XYZ (D65), IEC 61966-2-1 (the numbers of dcraw's ``xyz_rgb``).
+SRGB_TO_XYZ: tuple[tuple[float, float, float], ...] = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
 
 #: 2x2 Bayer layouts by name -> colour index per cell (0 = R, 1 = G, 2 = B), row-major.
 CFA_PATTERNS: dict[str, tuple[int, int, int, int]] = {

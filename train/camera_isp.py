@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rawdiff_infer.camera import DEFAULT_CAMERA, Camera
+from rawdiff_infer.camera import DEFAULT_CAMERA, SRGB_TO_XYZ, Camera
 
 __all__ = [
     "SRGB_TO_XYZ",
@@ -76,12 +76,6 @@ __all__ = [
     "jpeg_roundtrip",
 ]
 
-#: Linear sRGB (D65) -> CIE XYZ (D65), IEC 61966-2-1; the same numbers as dcraw's ``xyz_rgb``.
-SRGB_TO_XYZ: tuple[tuple[float, float, float], ...] = (
-    (0.4124564, 0.3575761, 0.1804375),
-    (0.2126729, 0.7151522, 0.0721750),
-    (0.0193339, 0.1191920, 0.9503041),
-)
 
 
 # --------------------------------------------------------------------------------------------------------------

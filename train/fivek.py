@@ -49,7 +49,8 @@ import numpy as np
 
 from rawdiff_infer.camera import CFA_PATTERNS, Camera
 
-from .camera_isp import SRGB_TO_XYZ
+from rawdiff_infer.bayer import demosaic_bilinear
+from rawdiff_infer.camera import SRGB_TO_XYZ
 
 __all__ = [
     "RawFileError",
@@ -162,33 +163,6 @@ def orient(image: np.ndarray, flip: int) -> np.ndarray:
     if flip & 4:
         image = np.swapaxes(image, 0, 1)
     return np.ascontiguousarray(image)
-
-
-def demosaic_bilinear(mosaic: np.ndarray, colors: np.ndarray) -> np.ndarray:
-    """Bilinear demosaic: H x W mosaic + H x W colour index (0 = R, 1 = G, 2 = B) -> H x W x 3 float32.
-
-    Each missing sample is the average of the same-colour samples among its 8 neighbours, weighting the 4
-    direct neighbours twice the diagonal ones (kernel [[1, 2, 1], [2, 4, 2], [1, 2, 1]], normalised by the
-    weights actually present); measured samples are kept. For a Bayer layout this is the classic bilinear
-    demosaic (green from the 4 direct neighbours, red/blue from 2 or 4); at the borders only the neighbours
-    inside the image count. Works for any 2x2 layout since it reads the colour of every pixel.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if mosaic.shape != colors.shape or mosaic.ndim != 2:
-        raise ValueError(f"mosaic {mosaic.shape} and colors {colors.shape} must be the same H x W")
-    m = torch.from_numpy(np.ascontiguousarray(mosaic, dtype=np.float32))
-    c = torch.from_numpy(np.ascontiguousarray(colors, dtype=np.int64))
-    masks = torch.stack([(c == k) for k in range(3)]).to(torch.float32)[None]  # [1, 3, H, W]
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).expand(3, 1, 3, 3)
-    with torch.no_grad():
-        num = F.conv2d(masks * m, kernel, padding=1, groups=3)
-        den = F.conv2d(masks, kernel, padding=1, groups=3)
-    if bool((den <= 0).any()):
-        raise ValueError("a colour has no sample within 1 pixel somewhere: not a Bayer-like layout")
-    out = torch.where(masks > 0, m.expand_as(num), num / den.clamp_min(1e-12))
-    return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def _read_make_model(path: Path) -> tuple[str, str]:

@@ -11,8 +11,7 @@ never waits on decoding or on the CPU.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
