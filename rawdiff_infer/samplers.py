@@ -43,10 +43,10 @@ class Predictor:
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
         tt = torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         eps = self.eps_fn(x, tt).to(x.dtype)
-        x0 = (x - sigma * eps) / alpha
+        x0 = torch.sub(x, eps, alpha=sigma).div_(alpha)  # one temporary per result: canvases can be 100s of MB
         if self.clip_x0 is not None:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-            eps = (x - alpha * x0) / sigma
+            x0.clamp_(-self.clip_x0, self.clip_x0)
+            eps = torch.sub(x, x0, alpha=alpha).div_(sigma)
         self.calls += 1
         if self.callback is not None:
             self.callback(self.calls, self.total)
@@ -111,13 +111,14 @@ def dpm_multistep(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Sc
         h = lam[i + 1] - lam[i]
         a_t, s_t = alpha[i + 1], sigma[i + 1]
         phi = math.expm1(-h)  # e^{-h} - 1
-        x = (s_t / sigma[i]) * x - a_t * phi * hist[-1]
+        x = torch.mul(x, s_t / sigma[i]).add_(hist[-1], alpha=-a_t * phi)
         if k >= 2:
             r0 = (lam[i] - lam[i - 1]) / h
-            d1_0 = (hist[-1] - hist[-2]) / r0
-            if k == 2:
-                x = x - 0.5 * a_t * phi * d1_0
+            if k == 2:  # x -= 0.5 a_t phi (m0 - m1) / r0, without temporaries
+                c = 0.5 * a_t * phi / r0
+                x.add_(hist[-1], alpha=-c).add_(hist[-2], alpha=c)
             else:
+                d1_0 = (hist[-1] - hist[-2]) / r0
                 r1 = (lam[i - 1] - lam[i - 2]) / h
                 d1_1 = (hist[-2] - hist[-3]) / r1
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
