@@ -93,7 +93,9 @@ def phase_train(args, res: Results, device: str):
     photos = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     train_files = [p for p in photos if p.stem not in VAL_NAMES]
     val_files = [p for p in photos if p.stem in VAL_NAMES]
-    cam = get_camera("nikon-d700")
+    from rawdiff_train.camera_isp import described_camera
+
+    cam = described_camera(get_camera("nikon-d700"))
     t = time.perf_counter()
     pairs = make_pairs(train_files, camera=cam, seed=0, variants=args.variants, workers=args.workers)
     pool = PairPool(pairs, device=device, patch=64)

@@ -39,6 +39,9 @@ class Camera:
         black_level: sensor black level in DN (>= 0).
         white_level: sensor saturation in DN (> black_level).
         cfa_pattern: one of ``CFA_PATTERNS`` (Bayer layout of the top-left 2x2 cell).
+        baseline_exposure: the camera's rendering gain in EV (DNG BaselineExposure): how much a raw converter
+            should brighten the RAW to match the camera's JPEGs (a synthetic camera with RAW headroom
+            ``raw_white`` renders with gain 1 / raw_white, i.e. log2(1 / raw_white) EV). 0 for the InvISP protocol.
     """
 
     make: str
@@ -48,6 +51,7 @@ class Camera:
     black_level: int = 0
     white_level: int = 16383
     cfa_pattern: str = "RGGB"
+    baseline_exposure: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color_matrix", tuple(float(v) for v in self.color_matrix))
@@ -57,6 +61,9 @@ class Camera:
             raise ValueError(f"unknown CFA pattern {self.cfa_pattern!r}; choose from {sorted(CFA_PATTERNS)}")
         if not 0 <= self.black_level < self.white_level <= 65535:
             raise ValueError("need 0 <= black_level < white_level <= 65535")
+        object.__setattr__(self, "baseline_exposure", float(self.baseline_exposure))
+        if not -8.0 <= self.baseline_exposure <= 8.0:
+            raise ValueError("baseline_exposure must be within +-8 EV")
 
     @property
     def unique_model(self) -> str:

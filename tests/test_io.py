@@ -788,3 +788,22 @@ def test_atomic_write_success_and_permissions(tmp_path):
             f.write(b"x")
     with pytest.raises(IsADirectoryError):
         write_npy(tmp_path, smooth_linear(2, 2))
+
+
+def test_dng_baseline_exposure(tmp_path: Path) -> None:
+    """The camera's rendering gain travels as DNG BaselineExposure, and the preview is rendered with it."""
+    import dataclasses
+
+    cam = dataclasses.replace(CAMERAS["nikon-d700"], baseline_exposure=1.0)
+    lin = np.full((32, 48, 3), 0.1, np.float32)
+    write_dng(tmp_path / "b.dng", lin, camera=cam)
+    write_dng(tmp_path / "z.dng", lin, camera=CAMERAS["nikon-d700"])
+    with tifffile.TiffFile(tmp_path / "b.dng") as tf:
+        num, den = tf.pages[0].tags[50730].value
+        assert num / den == pytest.approx(1.0)
+    bright = render_srgb_preview(lin, camera=cam)
+    plain = render_srgb_preview(lin, camera=CAMERAS["nikon-d700"])
+    assert bright.mean() > plain.mean() + 20
+    rawpy = pytest.importorskip("rawpy")
+    with rawpy.imread(str(tmp_path / "b.dng")) as r:  # still a valid DNG for LibRaw
+        assert np.array_equal(r.raw_image_visible, rawpy.imread(str(tmp_path / "z.dng")).raw_image_visible)

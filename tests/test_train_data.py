@@ -572,3 +572,11 @@ def test_camera_isp_is_fixed_so_the_raw_is_recoverable_from_the_srgb() -> None:
         ok = (srgb > 2 / 255).all(-1) & (srgb < 253 / 255).all(-1)  # neither clipped nor crushed by 8 bits
         assert ok.mean() > 0.5
         assert np.abs(back - raw)[ok].max() < 0.02
+
+
+def test_described_camera_carries_the_isp_gain_as_baseline_exposure() -> None:
+    cam = camera_isp.described_camera(CAMERAS["nikon-d700"])
+    assert cam.baseline_exposure == pytest.approx(1.0)  # default raw_white 0.5: gain 2 = +1 EV
+    assert cam.color_matrix == CAMERAS["nikon-d700"].color_matrix
+    r = IspRandomization(raw_white=(0.25, 0.25))
+    assert camera_isp.described_camera(CAMERAS["nikon-d700"], r).baseline_exposure == pytest.approx(2.0)

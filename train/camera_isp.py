@@ -52,6 +52,7 @@ the same parameters on every device.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ __all__ = [
     "inverse_tone_curve",
     "quantize_8bit",
     "jpeg_roundtrip",
+    "described_camera",
 ]
 
 
@@ -433,3 +435,13 @@ def _jpeg_batch(srgb: torch.Tensor, qualities: Sequence[int | None], subsampling
         dec = jpeg_roundtrip(np.ascontiguousarray(u8[i]), q, subsampling=subsampling)
         out[i] = torch.from_numpy(dec).to(srgb.device).permute(2, 0, 1).to(torch.float32) / 255.0
     return out
+
+
+def described_camera(camera: Camera, randomization: IspRandomization | None = None) -> Camera:
+    """The camera description to store with a model trained on this synthetic camera: the colour matrix, levels
+    and CFA of ``camera`` plus its rendering gain as DNG BaselineExposure, log2(1 / raw_white) EV, so that raw
+    converters that honour it render our DNGs as bright as the camera's own JPEGs. A randomised ``raw_white``
+    range has no single gain: the geometric mean of the range is used."""
+    r = randomization or IspRandomization()
+    gain = 1.0 / math.sqrt(r.raw_white[0] * r.raw_white[1])
+    return dataclasses.replace(camera, baseline_exposure=round(math.log2(gain), 6))

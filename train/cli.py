@@ -47,7 +47,9 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
         if len(files) <= val_count:
             raise click.UsageError(f"{photos}: {len(files)} photos, need more than --val-count {val_count}")
         train_files, val_files = split_files(files, test_fraction=val_count / len(files), seed=seed)
-        cam = get_camera(camera)
+        from .camera_isp import described_camera
+
+        cam = described_camera(get_camera(camera))
         src = PhotoPairSource(train_files, camera=cam, seed=seed)
         pairs = []
         for epoch in range(variants):

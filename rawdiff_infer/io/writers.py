@@ -125,15 +125,16 @@ def _srgb_encode(x: np.ndarray) -> np.ndarray:
 def render_srgb_preview(linear: np.ndarray, *, camera: Camera, max_side: int = 256) -> np.ndarray:
     """A small sRGB rendering of white-balanced linear camera RGB: uint8 h x w x 3, long side <= ``max_side``.
 
-    Box-downsampled by an integer factor, converted with the camera matrix as LibRaw does for the DNG we
-    write (see ``_camera_to_srgb``), sRGB-encoded, no exposure change.
+    Box-downsampled by an integer factor, brightened by the camera's ``baseline_exposure`` (as a DNG reader
+    that honours BaselineExposure does), converted with the camera matrix as LibRaw does for the DNG we write
+    (see ``_camera_to_srgb``), sRGB-encoded.
     """
     lin = _check_rgb_float(linear, "linear")
     factor = max(1, -(-max(lin.shape[:2]) // max_side))
     h, w = lin.shape[0] // factor, lin.shape[1] // factor
     if factor > 1 and h > 0 and w > 0:
         lin = lin[: h * factor, : w * factor].reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
-    rgb = lin.astype(np.float64) @ _camera_to_srgb(camera).T
+    rgb = (lin.astype(np.float64) * 2.0 ** camera.baseline_exposure) @ _camera_to_srgb(camera).T
     return np.ascontiguousarray(np.rint(_srgb_encode(rgb) * 255.0).astype(np.uint8))
 
 
@@ -217,6 +218,7 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
         (50721, dt.SRATIONAL, 9, _rationals(camera.color_matrix), True),  # ColorMatrix1 (XYZ -> camera)
         (50778, dt.SHORT, 1, (int(camera.illuminant),), True),   # CalibrationIlluminant1
         (50728, dt.RATIONAL, 3, (1, 1, 1, 1, 1, 1), True),  # AsShotNeutral: already white-balanced
+        (50730, dt.SRATIONAL, 1, _rationals((camera.baseline_exposure,)), True),  # BaselineExposure (EV)
         (50970, dt.LONG, 1, (2,), True),                    # PreviewColorSpace = sRGB
     ]
     raw_tags = [
