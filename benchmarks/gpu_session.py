@@ -171,7 +171,7 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
     per_eval = None
     for method, steps, order in settings:
         for merge in ("step", "end"):
-            est = None if per_eval is None else per_eval * steps * len(inputs) * (1.0 if merge == "step" else 1.0)
+            est = None if per_eval is None else per_eval * steps * len(inputs)
             if est is not None and elapsed() + est > args.eval_until:
                 log.warning("skip %s-%d %s: needs ~%.0f s, budget left %.0f s", method, steps, merge, est,
                             args.eval_until - elapsed())
@@ -259,7 +259,7 @@ def phase_bench(args, res: Results, device: str, model_state, config):
                         continue
                     ir = bench_image(be, img, sampler=sampler, steps=steps if not args.tiny else 2, merge="step",
                                      stride=64, batch_size=batch, variant=f"torch/{variant}", warmup=1,
-                                     repeats=3 if sampler == "dpm" else 1, write=False)
+                                     repeats=3 if sampler == "dpm" else 1, write=False, gflop=gflop)
                     image_rows.append(asdict(ir))
                     res.phase("bench", images=image_rows)
                     log.info("image %dx%d %s-%d: %.3f s", img_side, img_side, sampler, steps, ir.denoise_s)

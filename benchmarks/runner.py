@@ -150,7 +150,8 @@ def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str
                             for s in samplers:
                                 echo(f"  image {label} {s} ...")
                                 ir = bench_image(be, img, sampler=s, steps=steps, merge=merge, batch_size=b,
-                                                 variant=name, warmup=1, repeats=max(1, min(3, repeats)))
+                                                 variant=name, warmup=1, repeats=max(1, min(3, repeats)),
+                                                 gflop=gflop)
                                 report.images.append(ir)
                     be.close()
     return report

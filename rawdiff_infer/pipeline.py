@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .rawspace import model_to_unit, srgb_to_model
+from .rawspace import RawEncoding, model_to_unit, srgb_to_model
 from .samplers import DEFAULT_STEPS, SAMPLERS, sample
 from .schedule import Schedule
 from .tiling import TileConfig, TiledDenoiser, sample_independent
@@ -73,7 +73,7 @@ class Reconstruction:
 
     @property
     def linear(self) -> np.ndarray:
-        return np.clip(self.encoded, 0.0, 1.0) ** self.gamma
+        return RawEncoding(self.gamma).decode(self.encoded)
 
 
 class RawReconstructor:

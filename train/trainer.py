@@ -9,6 +9,7 @@ Resuming restores weights, EMA, optimizer, step and the generator state, so an i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -160,7 +161,7 @@ class Trainer:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
                 cond = cond.contiguous(memory_format=torch.channels_last)
             sync = i == len(micro) - 1 or self.world == 1
-            ctx = self.net.no_sync() if (self.world > 1 and not sync) else _null()
+            ctx = self.net.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda and self.cfg.bf16):
                 eps = self._fwd(x_t, cond, t.float())
                 loss = F.mse_loss(eps.float(), noise) / len(micro)
@@ -273,7 +274,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress or self.rank != 0, unit="step")
         t0, n0, window = time.perf_counter(), self.step, []
         started = t0
-        with open(log_path, "a", newline="") if self.rank == 0 else _null() as fh:
+        with open(log_path, "a", newline="") if self.rank == 0 else contextlib.nullcontext() as fh:
             writer = csv.writer(fh) if self.rank == 0 else None
             if writer and new:
                 writer.writerow(["step", "loss", "lr", "samples_per_s", "val_psnr"])
@@ -362,14 +363,6 @@ class Trainer:
         for k, v in row.items():
             if k != "step" and not math.isnan(v):
                 self._tb.add_scalar(k, v, int(row["step"]))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
 
 
 def train(source: BatchSource, out_dir: str | os.PathLike, **kwargs: Any) -> Trainer:
