@@ -29,7 +29,8 @@ import torch
 from rawdiff_infer.backends.base import Backend
 from rawdiff_infer.model import UNet, UNetConfig, count_flops
 
-__all__ = ["UnetResult", "ImageResult", "bench_unet", "bench_image", "environment", "time_callable"]
+__all__ = ["UnetResult", "ImageResult", "bench_unet", "bench_image", "environment", "time_callable",
+           "profile_unet", "kernel_category"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ImageResult:
     peak_mem_mb: float | None
     repeats: int
     psnr_db: float | None = None
+    step_graph: bool = False
 
 
 def environment() -> dict[str, Any]:
@@ -167,10 +169,13 @@ def bench_unet(backend: Backend, *, batch: int, patch: int = 64, variant: str = 
 def bench_image(backend: Backend, image: np.ndarray | Path, *, sampler: str = "dpm", steps: int | None = None,
                 merge: str = "step", stride: int | None = None, batch_size: int = 512, variant: str = "",
                 warmup: int = 1, repeats: int = 3, write: bool = True, seed: int = 0,
-                reference: np.ndarray | None = None, gflop: float | None = None) -> ImageResult:
+                reference: np.ndarray | None = None, gflop: float | None = None,
+                step_graph: bool | None = None) -> ImageResult:
     """Time one image end to end: decode (if a path), denoise (RawReconstructor), write (DNG to a temp dir).
 
-    ``reference`` (H x W x 3 encoded RAW in [0, 1]) adds the PSNR of the result.
+    ``reference`` (H x W x 3 encoded RAW in [0, 1]) adds the PSNR of the result. ``step_graph``: record the whole
+    model evaluation of a sampler step as one CUDA graph (None: wherever the backend allows; see RawReconstructor).
+    The warm-up calls absorb compilation and the graph's capture.
     """
     from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
     from rawdiff_infer.tiling import TileConfig
@@ -187,11 +192,15 @@ def bench_image(backend: Backend, image: np.ndarray | Path, *, sampler: str = "d
     P = backend.meta.model.patch_size
     tiles = TileConfig(patch_size=P, stride=stride or (P if merge == "end" else 48), batch_size=batch_size,
                        merge=merge)  # type: ignore[arg-type]
-    rec = RawReconstructor(backend, sampler=SamplerConfig(method=sampler, steps=steps), tiles=tiles)
+    rec = RawReconstructor(backend, sampler=SamplerConfig(method=sampler, steps=steps), tiles=tiles,
+                           step_graph=step_graph)
     results = []
     _peak_reset(dev)
-    times = time_callable(lambda i: results.append(rec.reconstruct(pixels, seed=seed)), device=dev, warmup=warmup,
-                          repeats=repeats)
+    try:
+        times = time_callable(lambda i: results.append(rec.reconstruct(pixels, seed=seed)), device=dev,
+                              warmup=warmup, repeats=repeats)
+    finally:
+        rec.close()
     out = results[-1]
     write_s = 0.0
     if write:
@@ -212,7 +221,66 @@ def bench_image(backend: Backend, image: np.ndarray | Path, *, sampler: str = "d
                        merge=merge, width=w, height=h, patches=out.patches, decode_s=decode_s, denoise_s=med,
                        write_s=write_s, total_s=decode_s + med + write_s, denoise_s_min=min(times),
                        denoise_s_max=max(times), tflops=fl / med / 1e12, peak_mem_mb=_peak_mb(dev), repeats=repeats,
-                       psnr_db=psnr)
+                       psnr_db=psnr, step_graph=bool(out.extra.get("step_graph")))
+
+
+_CATEGORIES = (  # (category, substrings of the kernel name), first match wins; lower-case
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("convolution", ("conv", "implicit", "xmma", "cudnn", "wgrad", "dgrad", "fprop")),
+    ("matmul", ("gemm", "matmul", "cutlass", "sm90_", "mm_", "addmm", "linear")),
+    ("norm / elementwise (fused)", ("triton", "group_norm", "native_group_norm", "elementwise", "vectorized",
+                                    "reduce", "silu", "softmax", "add", "mul", "copy", "cat", "fill")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """Coarse class of a kernel or operator name: attention, convolution, matmul, norm / elementwise, other."""
+    low = name.lower()
+    for cat, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_unet(backend: Backend, *, batch: int, patch: int = 64, calls: int = 3) -> dict[str, Any]:
+    """Where one U-Net call spends its device time: torch.profiler over ``calls`` calls (after one warm-up).
+
+    Returns {"kernels": [{name, calls, ms, share}] (top 25 by time, per U-Net call), "categories": {category: share},
+    "ms_per_call": float}. On CUDA the time is kernel time on the GPU, on the CPU operator self time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = backend.device
+    cuda = dev.type == "cuda"
+    x = torch.randn(batch, 3, patch, patch, device=dev)
+    c = torch.rand(batch, 3, patch, patch, device=dev) * 2 - 1
+    t = torch.full((batch,), 500.0, device=dev)
+    backend(x, c, t)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            backend(x, c, t)
+        if cuda:
+            torch.cuda.synchronize(dev)
+    rows = []
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        if cuda and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CPU"):
+            continue  # host-side operator records; kernels carry the device time
+        if us > 0:
+            rows.append({"name": e.key, "calls": e.count // calls, "ms": us / 1e3 / calls})
+    total = sum(r["ms"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r["ms"] / total
+    rows.sort(key=lambda r: -r["ms"])
+    cats: dict[str, float] = {}
+    for r in rows:
+        cats[kernel_category(r["name"])] = cats.get(kernel_category(r["name"]), 0.0) + r["share"]
+    return {"kernels": rows[:25], "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "ms_per_call": total, "batch": batch}
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
@@ -234,7 +302,7 @@ UNET_COLUMNS = [("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batch", 
                 ("patches_per_s", "patches/s", ".0f"), ("tflops", "TFLOP/s", ".2f"),
                 ("peak_mem_mb", "peak MiB", ".0f")]
 IMAGE_COLUMNS = [("variant", "variant", "s"), ("sampler", "sampler", "s"), ("steps", "steps", "d"),
-                 ("merge", "merge", "s"), ("width", "W", "d"), ("height", "H", "d"), ("patches", "patches", "d"),
+                 ("merge", "merge", "s"), ("step_graph", "step graph", ""), ("width", "W", "d"), ("height", "H", "d"), ("patches", "patches", "d"),
                  ("decode_s", "decode s", ".3f"), ("denoise_s", "denoise s", ".3f"), ("write_s", "write s", ".3f"),
                  ("tflops", "TFLOP/s", ".1f"), ("psnr_db", "PSNR dB", ".2f")]
 

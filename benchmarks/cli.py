@@ -51,13 +51,16 @@ Examples:
               help="Samplers for the image runs (default dpm).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Steps for the image runs (default: the sampler's).")
 @click.option("--merge", type=click.Choice(["step", "end"]), default="step", show_default=True)
+@click.option("--step-graph", type=click.Choice(["auto", "on", "off", "both"]), default="auto", show_default=True,
+              help="Image runs: record each sampler step's whole model evaluation as one CUDA graph (torch on "
+                   "CUDA, --merge step). auto: wherever possible; both: time with and without, side by side.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all results as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here (matplotlib).")
 def cli(ckpt, config_name, backends, model_file, variants, dtypes, batches, patch_size, image_sizes, image_files,
-        samplers, steps, merge, device, warmup, repeats, json_path, plot_path) -> None:
+        samplers, steps, merge, step_graph, device, warmup, repeats, json_path, plot_path) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         from .runner import run_benchmarks
@@ -66,7 +69,9 @@ def cli(ckpt, config_name, backends, model_file, variants, dtypes, batches, patc
                                 model_file=model_file, variants=variants, dtypes=dtypes, batches=batches or (64,),
                                 patch_size=patch_size, image_sizes=image_sizes, image_files=image_files,
                                 samplers=samplers or ("dpm",), steps=steps, merge=merge, device=device,
-                                warmup=warmup, repeats=repeats, echo=lambda s: click.echo(s, err=True))
+                                warmup=warmup, repeats=repeats,
+                                step_graphs={"auto": (None,), "on": (True,), "off": (False,),
+                                             "both": (False, True)}[step_graph], echo=lambda s: click.echo(s, err=True))
     except (ValueError, RuntimeError, OSError, ImportError) as e:
         click.echo(f"rawdiff-bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         sys.exit(1)

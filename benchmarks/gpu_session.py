@@ -167,6 +167,15 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
                            cuda_graph=cuda, max_batch_size=max_patches if cuda else None)
     settings = [("dpm", 10, None), ("dpm", 20, None), ("dpm-single", 20, 3), ("ddim", 50, None),
                 ("ddim", 200, None), ("ddpm", 1000, None)]
+    # one reconstructor per fusion mode; swapping its sampler keeps the recorded step graph (same image size)
+    recs = {}
+    for merge in ("step", "end"):
+        tiles = TileConfig(stride=48 if merge == "step" else 64, merge=merge, batch_size=max_patches)
+        recs[merge] = RawReconstructor(backend, sampler=SamplerConfig(method="dpm", steps=2), tiles=tiles)
+        t = time.perf_counter()
+        out = recs[merge].reconstruct(inputs[0], seed=0)  # warm-up: compile, capture; not timed
+        res.phase("eval", **{f"warmup_seconds_{merge}": time.perf_counter() - t,
+                             f"step_graph_{merge}": bool(out.extra.get("step_graph"))})
     table, recon = [], {}
     per_eval = None
     for method, steps, order in settings:
@@ -179,13 +188,8 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
                               "estimated_s": est})
                 res.phase("eval", table=table)
                 continue
-            tiles = TileConfig(stride=48 if merge == "step" else 64, merge=merge, batch_size=max_patches)
-            rec = RawReconstructor(backend, sampler=SamplerConfig(method=method, steps=steps, order=order),
-                                   tiles=tiles)
-            if per_eval is None:  # warm-up: compile + graph capture, not timed
-                t = time.perf_counter()
-                rec.reconstruct(inputs[0], seed=0)
-                res.phase("eval", warmup_seconds=time.perf_counter() - t)
+            rec = recs[merge]
+            rec.sampler = SamplerConfig(method=method, steps=steps, order=order)
             scores, times = [], []
             for k, (x, y) in enumerate(zip(inputs, targets)):
                 if cuda:
@@ -196,19 +200,39 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
                 scores.append(psnr(out.encoded, y))
                 if (method, steps, merge) == ("dpm", 20, "step"):
                     recon[f"pred_{val_files[k].stem}"] = out.encoded.astype(np.float16)
-            per_eval = float(np.mean(times)) / steps
+            per_eval = max(per_eval or 0.0, float(np.mean(times)) / steps)
             table.append({"sampler": method, "steps": steps, "order": order, "merge": merge,
                           "psnr": float(np.mean(scores)), "psnr_each": scores, "seconds_per_image": float(np.mean(times)),
-                          "patches": PatchGrid(h, w, tiles).num_patches})
+                          "patches": PatchGrid(h, w, rec.tiles).num_patches,
+                          "step_graph": bool(out.extra.get("step_graph"))})
             res.phase("eval", table=table)
-            log.info("%s-%d %s: %.2f dB, %.2f s/image", method, steps, merge, np.mean(scores), np.mean(times))
+            log.info("%s-%d %s: %.2f dB, %.3f s/image", method, steps, merge, np.mean(scores), np.mean(times))
             if recon and not (Path(args.out) / "recon.npz").exists():
                 np.savez_compressed(Path(args.out) / "recon.npz", **recon)
+    for rec in recs.values():
+        rec.close()
     backend.close()
 
 
+def _matmul_tflops(device: str) -> float:
+    """fp16 8192^3 matmul throughput: the card's practical tensor-core ceiling, measured in the same run."""
+    x = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    for _ in range(3):
+        x @ x
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(10):
+        x @ x
+    ev[1].record()
+    ev[1].synchronize()
+    return 10 * 2 * 8192**3 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
+
+
 def phase_bench(args, res: Results, device: str, model_state, config):
-    from rawdiff_bench.bench import bench_image, bench_unet, flops_per_patch
+    """U-Net throughput of the fast path, the whole-step CUDA graph against per-batch replay on a 2048x2048 image
+    (side by side), DDPM-1000 on the fast path, a kernel profile, and one compiler experiment (freezing)."""
+    from rawdiff_bench.bench import bench_image, bench_unet, flops_per_patch, profile_unet
     from rawdiff_bench.runner import torch_variant
     from rawdiff_infer.checkpoint import ModelMeta
     from rawdiff_infer.model import UNet
@@ -219,56 +243,76 @@ def phase_bench(args, res: Results, device: str, model_state, config):
     meta = ModelMeta(model=config)
     gflop = flops_per_patch(config, 64) / 1e9
     res.phase("bench", gflop_per_patch=gflop)
-    unet_rows, image_rows = [], []
     if cuda:
-        x = torch.randn(8192, 8192, device=device, dtype=torch.float16)
-        for _ in range(3):
-            x @ x
-        torch.cuda.synchronize()
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        ev[0].record()
-        for _ in range(10):
-            x @ x
-        ev[1].record()
-        ev[1].synchronize()
-        res.phase("bench", matmul_fp16_tflops=10 * 2 * 8192**3 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12)
-        del x
-    plan = ([("eager", "fp32", 256), ("eager", "fp16", 512), ("cl", "fp16", 512), ("cl", "bf16", 512),
-             ("graph", "fp16", 1024), ("graph", "fp16", 512), ("graph", "bf16", 1024), ("graph", "fp16", 256)]
-            if cuda else [("eager", "fp32", 8), ("cl", "fp32", 8)])
-    img_side = 2048 if cuda and not args.tiny else 128
-    for variant, dtype, batch in plan:
-        if elapsed() > args.bench_until - 25:
-            log.warning("bench budget reached before %s %s %d", variant, dtype, batch)
-            break
-        try:
-            be = torch_variant(model, meta, variant, dtype, device, batch)
-            r = bench_unet(be, batch=batch, variant=f"torch/{variant}", warmup=3, repeats=10 if cuda else 2,
-                           gflop=gflop)
-            r.dtype = dtype
-            unet_rows.append(asdict(r))
-            res.phase("bench", unet=unet_rows)
-            log.info("%s %s b%d: %.2f ms, %.1f TFLOP/s", variant, dtype, batch, r.ms_median, r.tflops)
-            if (variant, dtype, batch) == (plan[4] if cuda else plan[1]):
-                rng = np.random.default_rng(0)
-                img = (rng.random((img_side, img_side, 3)) * 255).astype(np.uint8)
-                for sampler, steps in (("dpm", 20), ("ddpm", 1000)):
-                    need = r.ms_median / 1e3 * (img_side // 64) ** 2 / batch * steps * 1.3
-                    if elapsed() + need > args.bench_until:
-                        image_rows.append({"sampler": sampler, "steps": steps, "skipped": True, "estimated_s": need})
-                        continue
-                    ir = bench_image(be, img, sampler=sampler, steps=steps if not args.tiny else 2, merge="step",
-                                     stride=64, batch_size=batch, variant=f"torch/{variant}", warmup=1,
-                                     repeats=3 if sampler == "dpm" else 1, write=False, gflop=gflop)
-                    image_rows.append(asdict(ir))
-                    res.phase("bench", images=image_rows)
-                    log.info("image %dx%d %s-%d: %.3f s", img_side, img_side, sampler, steps, ir.denoise_s)
+        res.phase("bench", matmul_fp16_tflops=_matmul_tflops(device))
+    unet_rows, image_rows = [], []
+    batch = 1024 if cuda else 8
+    side = 2048 if cuda and not args.tiny else 128
+    img = (np.random.default_rng(0).random((side, side, 3)) * 255).astype(np.uint8)
+
+    def unet_row(variant: str, be, dtype: str) -> None:
+        r = bench_unet(be, batch=batch, variant=variant, warmup=3, repeats=10 if cuda else 2, gflop=gflop)
+        r.dtype = dtype
+        unet_rows.append(asdict(r))
+        res.phase("bench", unet=unet_rows)
+        log.info("%s %s b%d: %.2f ms, %.1f TFLOP/s", variant, dtype, batch, r.ms_median, r.tflops)
+
+    def image_row(be, variant: str, sampler: str, steps: int, step_graph: bool, warmup: int, repeats: int) -> None:
+        ir = bench_image(be, img, sampler=sampler, steps=steps, merge="step", stride=64, batch_size=batch,
+                         variant=variant, warmup=warmup, repeats=repeats, write=False, gflop=gflop,
+                         step_graph=step_graph)
+        image_rows.append(asdict(ir))
+        res.phase("bench", images=image_rows)
+        log.info("image %dx%d %s-%d step_graph=%s: %.3f s", side, side, sampler, steps, step_graph, ir.denoise_s)
+
+    variant = "graph" if cuda else "cl"
+    be = torch_variant(model, meta, variant, "fp16" if cuda else "fp32", device, batch)
+    try:
+        unet_row(f"torch/{variant}", be, "fp16" if cuda else "fp32")
+        steps = 20 if not args.tiny else 2
+        image_row(be, f"torch/{variant}", "dpm", steps, False, 1, 3)  # per-batch replay (last session's path)
+        if cuda:
+            image_row(be, f"torch/{variant}", "dpm", steps, True, 1, 3)  # the whole step as one graph
+            per_step = image_rows[-1]["denoise_s"] / steps
+            if elapsed() + per_step * 1000 * 1.1 + 60 < args.bench_until:
+                image_row(be, f"torch/{variant}", "ddpm", 1000, True, 0, 1)
+            else:
+                image_rows.append({"sampler": "ddpm", "steps": 1000, "skipped": True,
+                                   "estimated_s": per_step * 1000})
+                res.phase("bench", images=image_rows)
+    except Exception as e:
+        res.error("bench fast path", e)
+    finally:
+        be.close()
+        del be
+    if cuda:
+        torch.cuda.empty_cache()
+    if elapsed() < args.bench_until - 20:
+        try:  # kernel profile of the compiled U-Net (no graph: the profiler then sees every kernel)
+            be = torch_variant(model, meta, "compile" if cuda else "cl", "fp16" if cuda else "fp32", device, batch)
+            prof = profile_unet(be, batch=batch if cuda else 2, calls=3 if cuda else 1)
+            res.phase("bench", profile=prof)
+            lines = [f"U-Net, batch {prof['batch']}, {prof['ms_per_call']:.2f} ms of device time per call",
+                     "", "category shares: " + ", ".join(f"{k} {v:.1%}" for k, v in prof["categories"].items()),
+                     "", f"{'ms/call':>8} {'share':>6} {'calls':>5}  kernel"]
+            lines += [f"{r['ms']:8.3f} {r['share']:6.1%} {r['calls']:5d}  {r['name'][:150]}" for r in prof["kernels"]]
+            (Path(args.out) / "profile.txt").write_text("\n".join(lines) + "\n")
             be.close()
             del be
-            if cuda:
-                torch.cuda.empty_cache()
         except Exception as e:
-            res.error(f"bench {variant} {dtype} {batch}", e)
+            res.error("profile", e)
+    if cuda and elapsed() < args.bench_until - 40:
+        try:  # experiment: inductor freezing (weights as constants: folding, conv layout choices)
+            import torch._inductor.config as ind
+
+            ind.freezing = True
+            be = torch_variant(model, meta, "graph", "fp16", device, batch)
+            unet_row("torch/graph+freezing", be, "fp16")
+            be.close()
+        except Exception as e:
+            res.error("bench freezing", e)
+        finally:
+            ind.freezing = False
 
 
 def main(argv=None) -> int:
@@ -276,13 +320,13 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few steps, small images")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=6000, help="planned steps (the cosine is fitted to the time)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--variants", type=int, default=12)
     ap.add_argument("--workers", type=int, default=16)
-    ap.add_argument("--train-until", type=float, default=270.0, help="seconds since start")
-    ap.add_argument("--eval-until", type=float, default=400.0)
-    ap.add_argument("--bench-until", type=float, default=525.0)
+    ap.add_argument("--train-until", type=float, default=320.0, help="seconds since start")
+    ap.add_argument("--eval-until", type=float, default=420.0)
+    ap.add_argument("--bench-until", type=float, default=555.0)
     ap.add_argument("--run-dir", default="/tmp/rawdiff-gpu-run", help="trainer state (large; not under --out)")
     ap.add_argument("--skip", action="append", default=[], choices=["train", "eval", "bench"])
     ap.add_argument("--weights", help="use these weights instead of training (sharded dir)")

@@ -101,6 +101,7 @@ def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str
                    variants: Sequence[str], dtypes: Sequence[str], batches: Sequence[int], patch_size: int,
                    image_sizes: Sequence[int], image_files: Sequence[str], samplers: Sequence[str],
                    steps: int | None, merge: str, device: str, warmup: int, repeats: int,
+                   step_graphs: Sequence[bool | None] = (None,),
                    echo: Callable[[str], None] = print) -> Report:
     """Run every requested measurement; returns a Report."""
     if device == "auto":
@@ -148,10 +149,15 @@ def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str
                     if b == max(batches):
                         for label, img in images:
                             for s in samplers:
-                                echo(f"  image {label} {s} ...")
-                                ir = bench_image(be, img, sampler=s, steps=steps, merge=merge, batch_size=b,
-                                                 variant=name, warmup=1, repeats=max(1, min(3, repeats)),
-                                                 gflop=gflop)
-                                report.images.append(ir)
+                                for sg in step_graphs:
+                                    if sg and not (be.capturable and merge == "step"):
+                                        echo(f"  skip step graph for {name}: needs a capturable CUDA backend "
+                                             "and --merge step")
+                                        continue
+                                    echo(f"  image {label} {s} ...")
+                                    ir = bench_image(be, img, sampler=s, steps=steps, merge=merge, batch_size=b,
+                                                     variant=name, warmup=1, repeats=max(1, min(3, repeats)),
+                                                     gflop=gflop, step_graph=sg)
+                                    report.images.append(ir)
                     be.close()
     return report

@@ -330,7 +330,10 @@ atomically: never a partial file, never an existing file overwritten without --f
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch backend precision (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (CUDA; slow first image).")
-@click.option("--cuda-graph", is_flag=True, help="Replay the U-Net as a CUDA graph (fixed --batch-size).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="Replay CUDA graphs. With --merge step (torch backend): each sampler step's whole model "
+              "evaluation (every patch batch and the fusion) is recorded once per image size, on by default on "
+              "CUDA. With --merge end: the U-Net per batch (fixed --batch-size), off by default.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Raise/lower the decompression-bomb limit (pixels).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs all exist (they are complete: writes are "
@@ -464,7 +467,11 @@ def _run(inputs, output, formats, encoded, model_path, backend_kind, method, ste
         batch_size = 64 if dev.startswith("cpu") else 256
     try:
         sampler = SamplerConfig(method=method, steps=steps, eta=eta, order=order)
-        be = _load_backend(backend_kind, model_path, dev, dtype, batch_size, compile_, cuda_graph)
+        if cuda_graph and not dev.startswith("cuda"):
+            raise ValueError("--cuda-graph needs a CUDA device")
+        # step fusion records the whole step (the backend's own per-batch graph would only cost memory)
+        be = _load_backend(backend_kind, model_path, dev, dtype, batch_size, compile_,
+                           bool(cuda_graph) and merge == "end")
     except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
         raise UsageError(_first_line(e)) from None
     done = 0
@@ -475,7 +482,10 @@ def _run(inputs, output, formats, encoded, model_path, backend_kind, method, ste
                                merge=merge)
         except ValueError as e:
             raise UsageError(_first_line(e)) from None
-        rec = RawReconstructor(be, sampler=sampler, tiles=tiles)
+        step_graph = cuda_graph if merge == "step" and be.capturable else False
+        if cuda_graph and merge == "step" and not be.capturable:
+            raise UsageError(f"--cuda-graph with --merge step needs the torch backend (got {backend_kind})")
+        rec = RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph)
         images = tqdm(todo, desc="images", unit="img", disable=quiet or len(todo) < 2, file=sys.stderr)
         for job in images:
             state.current = job.source

@@ -20,7 +20,7 @@ from .backends.base import Backend
 from .rawspace import RawEncoding, model_to_unit, srgb_to_model
 from .samplers import DEFAULT_STEPS, SAMPLERS, sample
 from .schedule import Schedule
-from .tiling import TileConfig, TiledDenoiser, sample_independent
+from .tiling import GraphedDenoiser, TileConfig, TiledDenoiser, sample_independent
 
 __all__ = ["SamplerConfig", "RawReconstructor", "Reconstruction"]
 
@@ -83,15 +83,57 @@ class RawReconstructor:
         backend: any Backend (torch, onnx, trt); its ``meta`` supplies the schedule, encoding and camera.
         sampler: SamplerConfig.
         tiles: TileConfig (patch size must match the model's training patch unless you know better).
+        step_graph: record the whole model evaluation of a sampler step (every patch batch and the fusion) as one
+            CUDA graph and replay it (``tiling.GraphedDenoiser``). Needs step fusion and a capturable backend on
+            CUDA; None (default) turns it on exactly then. The graph is kept for the last image size, so a run of
+            same-sized photos records it once; the first image pays ``warmup`` extra evaluations plus the capture.
     """
 
     def __init__(self, backend: Backend, *, sampler: SamplerConfig | None = None,
-                 tiles: TileConfig | None = None) -> None:
+                 tiles: TileConfig | None = None, step_graph: bool | None = None) -> None:
         self.backend = backend
         self.sampler = sampler or SamplerConfig()
         self.tiles = tiles or TileConfig(patch_size=backend.meta.model.patch_size)
         self.schedule = Schedule(backend.meta.schedule)
         self.meta = backend.meta
+        can_graph = backend.capturable and backend.device.type == "cuda" and self.tiles.merge == "step"
+        if step_graph and not can_graph:
+            raise ValueError("step_graph needs step fusion (merge='step') and a capturable backend on CUDA "
+                             "(the torch backend)")
+        self.step_graph = can_graph if step_graph is None else step_graph
+        self.explicit_graph = bool(step_graph)
+        self._graphed: GraphedDenoiser | None = None
+
+    def _denoiser(self, cond: torch.Tensor) -> TiledDenoiser | GraphedDenoiser:
+        """The eps function for this image: a fresh TiledDenoiser, or the recorded graph when the size matches."""
+        if not self.step_graph:
+            return TiledDenoiser(self.backend, cond, self.tiles)
+        if self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape):
+            self._graphed.set_condition(cond)
+            return self._graphed
+        if self._graphed is not None:
+            self._graphed.close()
+            self._graphed = None
+        eager = TiledDenoiser(self.backend, cond, self.tiles)
+        graphed = GraphedDenoiser(eager)
+        try:
+            graphed.capture()
+        except RuntimeError as e:  # some op refused capture: a slower step is better than no result
+            if self.explicit_graph:
+                raise
+            log.warning("CUDA graph capture of the sampler step failed (%s); running without it",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            graphed.close()
+            self.step_graph = False
+            return eager
+        self._graphed = graphed
+        return graphed
+
+    def close(self) -> None:
+        """Drop the recorded step graph (the backend stays open; it belongs to the caller)."""
+        if self._graphed is not None:
+            self._graphed.close()
+            self._graphed = None
 
     def reconstruct(self, srgb: np.ndarray, *, seed: int = 0, progress: Progress | None = None) -> Reconstruction:
         """sRGB H x W x 3 (uint8, uint16 or float in [0, 1]) -> Reconstruction. Same seed, same output (per device)."""
@@ -108,17 +150,20 @@ class RawReconstructor:
                 chunks = -(-patches // self.tiles.batch_size)  # each chunk of patches runs the whole sampler
                 x0 = sample_independent(self.backend, cond, self.schedule, self.tiles, generator=gen,
                                         callback=_chunked_progress(progress, chunks), **kw)
+                graphed = False
             else:
-                eps_fn = TiledDenoiser(self.backend, cond, self.tiles)
+                eps_fn = self._denoiser(cond)
                 x_T = torch.randn(cond.shape, generator=gen, device=dev)
                 del cond
                 x0 = sample(eps_fn, x_T, self.schedule, generator=gen, callback=progress, **kw)
                 patches = eps_fn.num_patches
+                graphed = isinstance(eps_fn, GraphedDenoiser)
             encoded = model_to_unit(x0[0]).permute(1, 2, 0).float().cpu().numpy()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return Reconstruction(encoded=np.ascontiguousarray(encoded), patches=patches, steps=self.sampler.num_steps,
-                              seconds=time.perf_counter() - start, gamma=self.meta.encoding.gamma)
+                              seconds=time.perf_counter() - start, gamma=self.meta.encoding.gamma,
+                              extra={"step_graph": graphed})
 
 
 def _chunked_progress(progress: Progress | None, chunks: int) -> Progress | None:

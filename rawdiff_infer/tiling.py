@@ -26,7 +26,7 @@ import torch
 
 from .samplers import sample
 
-__all__ = ["TileConfig", "PatchGrid", "TiledDenoiser", "grid_starts", "window_1d", "sample_independent",
+__all__ = ["TileConfig", "PatchGrid", "TiledDenoiser", "GraphedDenoiser", "grid_starts", "window_1d", "sample_independent",
            "WINDOWS"]
 
 Window = Literal["hann", "linear", "uniform"]
@@ -206,14 +206,30 @@ class TiledDenoiser:
         self.input_dtype = getattr(patch_fn, "input_dtype", torch.float32)
         b, _, h, w = cond.shape
         self.grid = PatchGrid(h, w, self.config, self.device)
-        # the condition is unfolded once per image, in the backend's input dtype
-        self.cond_patches = [self.grid.gather(self.grid.pad(c.to(self.device)), 0, self.grid.num_patches)
-                             .to(self.input_dtype).contiguous() for c in cond]
+        self.cond_patches = [self._unfold(c) for c in cond]
         self.evaluations = 0
+
+    def _unfold(self, canvas: torch.Tensor) -> torch.Tensor:
+        """The condition is unfolded once per image, in the backend's input dtype: [N, 3, P, P]."""
+        g = self.grid
+        return g.gather(g.pad(canvas.to(self.device)), 0, g.num_patches).to(self.input_dtype).contiguous()
 
     @property
     def num_patches(self) -> int:
         return self.grid.num_patches
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int, int]:
+        """[B, 3, H, W] of the canvases this denoiser takes."""
+        return len(self.cond_patches), 3, self.grid.height, self.grid.width
+
+    def set_condition(self, cond: torch.Tensor) -> None:
+        """Swap in the condition of new images of the same size, in place (the buffers keep their addresses, so
+        a recorded CUDA graph sees the new images)."""
+        if tuple(cond.shape) != self.canvas_shape:
+            raise ValueError(f"condition {tuple(cond.shape)} does not match this denoiser's {self.canvas_shape}")
+        for buf, c in zip(self.cond_patches, cond):
+            buf.copy_(self._unfold(c))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         g, bs = self.grid, self.config.batch_size
@@ -234,6 +250,80 @@ class TiledDenoiser:
                 return acc[None]
             out[b] = g.crop(acc).to(x.device)
         return out
+
+
+class GraphedDenoiser:
+    """A TiledDenoiser whose whole evaluation is recorded once as a CUDA graph and replayed at every step.
+
+    One replay runs what a sampler step needs from the model: gather every patch of the canvas, every batch through
+    the U-Net, the windowed fusion. Python, kernel launches and the tiler's small index kernels leave the loop; the
+    host only copies x and t in and launches one graph. Needs a ``capturable`` backend on CUDA (the torch backend).
+
+    The graph is recorded at the first call (after ``warmup`` eager evaluations on a side stream, which also run
+    torch.compile and cuDNN's autotuning); it holds its intermediates in a private memory pool for its lifetime.
+    ``set_condition`` swaps in another image of the same size without recording again.
+
+    Args:
+        denoiser: the TiledDenoiser to record (its backend must be capturable).
+        warmup: eager evaluations before the capture (>= 1).
+    """
+
+    def __init__(self, denoiser: TiledDenoiser, warmup: int = 2) -> None:
+        if denoiser.device.type != "cuda" or not getattr(denoiser.patch_fn, "capturable", False):
+            raise ValueError("a graphed denoiser needs a capturable backend on a CUDA device")
+        if warmup < 1:
+            raise ValueError("warmup must be >= 1")
+        self.denoiser, self.warmup = denoiser, warmup
+        self.device = denoiser.device
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._x = torch.zeros(denoiser.canvas_shape, dtype=torch.float32, device=self.device)
+        self._t = torch.zeros(denoiser.canvas_shape[0], dtype=torch.float32, device=self.device)
+        self._out: torch.Tensor | None = None
+        self.evaluations = 0
+
+    @property
+    def num_patches(self) -> int:
+        return self.denoiser.num_patches
+
+    @property
+    def canvas_shape(self) -> tuple[int, int, int, int]:
+        return self.denoiser.canvas_shape
+
+    def set_condition(self, cond: torch.Tensor) -> None:
+        """See TiledDenoiser.set_condition."""
+        self.denoiser.set_condition(cond)
+
+    def capture(self) -> None:
+        """Warm up and record the graph now (otherwise done at the first call). Idempotent."""
+        if self._graph is not None:
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with self.denoiser.patch_fn.recording():  # type: ignore[attr-defined]
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.denoiser(self._x, self._t)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._out = self.denoiser(self._x, self._t)
+        self._graph = graph
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self.canvas_shape:
+            raise ValueError(f"canvas {tuple(x.shape)} does not match the recorded {self.canvas_shape}")
+        self._x.copy_(x)
+        self._t.copy_(t)
+        self.capture()
+        assert self._graph is not None and self._out is not None
+        self._graph.replay()
+        self.evaluations += self.num_patches * x.shape[0]
+        return self._out.clone()  # the caller owns it: the next replay overwrites the graph's buffer
+
+    def close(self) -> None:
+        """Drop the graph and its memory pool."""
+        self._graph = None
+        self._out = None
 
 
 def sample_independent(patch_fn: PatchFn, cond: torch.Tensor, schedule: Any, config: TileConfig | None = None, *,

@@ -539,7 +539,8 @@ def test_options_run(opts: list[str], photos: Path, ckpt: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("opts", [["--stride", "0"], ["--patch-size", "30"], ["--steps", "0"],
-                                  ["--batch-size", "0"], ["--device", "nonsense"]])
+                                  ["--batch-size", "0"], ["--device", "nonsense"],
+                                  ["--cuda-graph", "--device", "cpu"]])
 def test_bad_options_are_usage_errors(opts: list[str], photos: Path, ckpt: Path, tmp_path: Path) -> None:
     r = invoke(photos / "b.png", "--ckpt", ckpt, *opts, "-o", tmp_path / "out")
     assert r.code == 2, r

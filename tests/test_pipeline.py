@@ -97,3 +97,42 @@ def test_sampler_config_validation() -> None:
     with pytest.raises(ValueError, match="steps"):
         SamplerConfig(steps=0)
     assert SamplerConfig(method="ddpm").num_steps == 1000
+
+
+def test_step_graph_is_off_on_the_cpu_and_refused_when_forced(backend: TorchBackend) -> None:
+    assert not backend.capturable
+    rec = _rec(backend)
+    assert rec.step_graph is False
+    assert rec.reconstruct(_srgb(40, 50), seed=0).extra["step_graph"] is False
+    with pytest.raises(ValueError, match="capturable backend on CUDA"):
+        RawReconstructor(backend, tiles=TileConfig(patch_size=64), step_graph=True)
+
+
+@pytest.mark.gpu
+def test_step_graph_matches_the_eager_step_and_is_reused_for_same_sized_images() -> None:
+    torch.manual_seed(0)
+    be = TorchBackend(UNet(TINY_CONFIG), ModelMeta(model=TINY_CONFIG), device="cuda", dtype="fp32")
+    assert be.capturable
+    tiles = TileConfig(patch_size=64, stride=48, batch_size=7)  # several batches per step, a ragged last one
+    sampler = SamplerConfig(method="dpm", steps=4)
+    eager = RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=False)
+    graphed = RawReconstructor(be, sampler=sampler, tiles=tiles)  # auto: on for a capturable CUDA backend
+    assert graphed.step_graph
+    a, b = _srgb(100, 130, seed=1), _srgb(100, 130, seed=2)
+    ra = graphed.reconstruct(a, seed=5)
+    first = graphed._graphed
+    rb = graphed.reconstruct(b, seed=5)
+    assert graphed._graphed is first  # same size: the recorded graph is reused with the new condition
+    assert ra.extra["step_graph"] and rb.extra["step_graph"]
+    np.testing.assert_allclose(ra.encoded, eager.reconstruct(a, seed=5).encoded, atol=1e-4)
+    np.testing.assert_allclose(rb.encoded, eager.reconstruct(b, seed=5).encoded, atol=1e-4)
+    assert np.abs(ra.encoded - rb.encoded).max() > 1e-3
+    graphed.reconstruct(_srgb(70, 64), seed=0)  # a new size records a new graph
+    assert graphed._graphed is not first
+    graphed.close()
+    # a backend with its own per-batch graph: the step graph records the plain forward instead (graphs do not nest)
+    torch.manual_seed(0)
+    own = TorchBackend(UNet(TINY_CONFIG), ModelMeta(model=TINY_CONFIG), device="cuda", dtype="fp32",
+                       cuda_graph=True, max_batch_size=7)
+    both = RawReconstructor(own, sampler=sampler, tiles=tiles, step_graph=True)
+    np.testing.assert_allclose(both.reconstruct(a, seed=5).encoded, ra.encoded, atol=1e-4)

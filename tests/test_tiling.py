@@ -128,3 +128,27 @@ def test_config_validation() -> None:
                 dict(merge="middle")):
         with pytest.raises(ValueError):
             TileConfig(**bad)
+
+
+def test_set_condition_swaps_in_a_new_image_of_the_same_size() -> None:
+    g = torch.Generator().manual_seed(3)
+    c1, c2 = (torch.rand(1, 3, 90, 110, generator=g) * 2 - 1 for _ in range(2))
+    x = torch.randn(1, 3, 90, 110, generator=g)
+    t = torch.full((1,), 500.0)
+    model = PixelwiseModel()
+    reused = TiledDenoiser(model, c1, TileConfig(stride=48, batch_size=5))
+    buffers = [p.data_ptr() for p in reused.cond_patches]
+    reused.set_condition(c2)
+    assert [p.data_ptr() for p in reused.cond_patches] == buffers  # in place: a recorded graph would see it
+    fresh = TiledDenoiser(model, c2, TileConfig(stride=48, batch_size=5))
+    torch.testing.assert_close(reused(x, t), fresh(x, t), rtol=0, atol=0)
+    assert not torch.equal(reused(x, t), TiledDenoiser(model, c1, TileConfig(stride=48, batch_size=5))(x, t))
+    with pytest.raises(ValueError, match="does not match"):
+        reused.set_condition(torch.zeros(1, 3, 90, 111))
+
+
+def test_graphed_denoiser_needs_a_capturable_cuda_backend() -> None:
+    from rawdiff_infer.tiling import GraphedDenoiser
+
+    with pytest.raises(ValueError, match="capturable"):
+        GraphedDenoiser(TiledDenoiser(PixelwiseModel(), torch.zeros(1, 3, 64, 64)))

@@ -8,6 +8,7 @@ buffer that the next call overwrites). Errors are exceptions (``BackendError``),
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,9 @@ class Backend(ABC):
         input_dtype: dtype in which inputs are cheapest to hand over (cond patches are cached in it).
         max_batch_size: the largest batch ``infer`` accepts (None: unlimited).
         fixed_batch_size: if set, batches are padded to this size internally (CUDA graphs, static engines).
+        capturable: True when ``infer`` only launches device work on the current stream (no host synchronisation,
+            no host-side buffers), so that a caller may record it inside its own CUDA graph (see
+            ``tiling.GraphedDenoiser``, which records a whole sampler step).
     """
 
     name: ClassVar[str] = "base"
@@ -53,6 +57,16 @@ class Backend(ABC):
         Returns:
             [N, 3, P, P] float32 eps on ``device``, owned by the caller.
         """
+
+    @property
+    def capturable(self) -> bool:
+        return False
+
+    def recording(self) -> AbstractContextManager[None]:
+        """Context for a caller that records ``infer`` into its own CUDA graph: inside it, ``infer`` takes exactly
+        the path that the capture will see (no graph of its own), so warm-up calls made inside it compile and
+        autotune everything the capture needs. Only meaningful when ``capturable``."""
+        return nullcontext()
 
     def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.max_batch_size is not None and x_t.shape[0] > self.max_batch_size:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import ClassVar
+from contextlib import contextmanager
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -69,6 +70,7 @@ class TorchBackend(Backend):
         self.cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, ...] | None = None
+        self._recording = False
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, **kwargs: object) -> "TorchBackend":
@@ -80,9 +82,24 @@ class TorchBackend(Backend):
         x = x.to(device=self.device, dtype=self.input_dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    @property
+    def capturable(self) -> bool:
+        """On CUDA the forward is pure device work: an enclosing CUDA graph may record it."""
+        return self.device.type == "cuda"
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Inside: the plain (compiled) forward even with ``cuda_graph``; graphs do not nest, and the warm-up
+        calls of a caller's capture must compile the very path the capture records."""
+        saved, self._recording = self._recording, True
+        try:
+            yield
+        finally:
+            self._recording = saved
+
     @torch.inference_mode()
     def infer(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graph:
+        if self.cuda_graph and not self._recording:
             return self._replay(x_t, cond, t)
         eps = self._forward(self._prep(x_t), self._prep(cond), t.to(self.device, torch.float32))
         return eps.float().contiguous()
