@@ -107,10 +107,17 @@ def phase_train(args, res: Results, device: str):
         "data": "synthetic camera (nikon-d700) over shared/data/photos",
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
         "variants_per_photo": args.variants})
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, warmup=min(1000, args.steps // 5), ema_decay=0.999,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
+                      warmup=args.warmup if args.warmup is not None else min(1000, args.steps // 5), ema_decay=0.999,
                       compile=device.startswith("cuda"), bf16=True, log_every=100 if not args.tiny else 5,
                       ckpt_every=10**9, val_every=10**9)
     trainer = Trainer(pool, Path(args.run_dir), config=cfg, meta=meta, device=device)
+    prior_steps = 0
+    if args.init_weights:  # fine-tune: continue from earlier weights with a fresh optimizer and lr schedule
+        origin = trainer.init_from(args.init_weights)
+        prior_steps = int(origin.get("train_steps_total", origin.get("train_steps", 0)) or 0)
+        meta.provenance["initialised_from"] = origin
+        res.phase("train", initialised_from=origin, prior_steps=prior_steps)
     budget = args.train_until - elapsed()
     res.phase("train", budget_seconds=budget, config=asdict(cfg))
     t = time.perf_counter()
@@ -127,7 +134,8 @@ def phase_train(args, res: Results, device: str):
               samples_per_s=rows[-1]["samples_per_s"] if rows else None)
     wdir = Path(args.out) / "weights"
     meta_final = ModelMeta(model=cfg_model, schedule=meta.schedule, camera=cam, provenance={
-        **meta.provenance, "train_steps": trainer.step, "batch_size": cfg.batch_size, "final_loss":
+        **meta.provenance, "train_steps": trainer.step, "train_steps_total": prior_steps + trainer.step,
+        "batch_size": cfg.batch_size, "final_loss":
         rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay, "trained_on": res.data.get("env", {}).get("gpu"),
         "date": time.strftime("%Y-%m-%d")})
     save_checkpoint(trainer.ema.float(), wdir, meta=meta_final, dtype=torch.float16, shard_bytes=12 << 20)
@@ -322,6 +330,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few steps, small images")
     ap.add_argument("--steps", type=int, default=6000, help="planned steps (the cosine is fitted to the time)")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    ap.add_argument("--warmup", type=int, help="warm-up steps (default: min(1000, steps / 5))")
+    ap.add_argument("--init-weights", help="fine-tune from these weights (sharded dir or .safetensors)")
     ap.add_argument("--variants", type=int, default=12)
     ap.add_argument("--workers", type=int, default=16)
     ap.add_argument("--train-until", type=float, default=320.0, help="seconds since start")

@@ -141,7 +141,7 @@ class RawReconstructor:
             raise ValueError(f"expected an H x W x 3 image, got shape {srgb.shape}")
         start = time.perf_counter()
         dev = self.backend.device
-        cond = srgb_to_model(srgb).to(dev)
+        cond = srgb_to_model(srgb, dev)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         kw = self.sampler.kwargs()
         with torch.inference_mode():
@@ -158,10 +158,11 @@ class RawReconstructor:
                 x0 = sample(eps_fn, x_T, self.schedule, generator=gen, callback=progress, **kw)
                 patches = eps_fn.num_patches
                 graphed = isinstance(eps_fn, GraphedDenoiser)
-            encoded = model_to_unit(x0[0]).permute(1, 2, 0).float().cpu().numpy()
+            # H x W x 3 laid out on the device, so the copy to the host is the only host-side work
+            encoded = model_to_unit(x0[0]).permute(1, 2, 0).float().contiguous().cpu().numpy()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return Reconstruction(encoded=np.ascontiguousarray(encoded), patches=patches, steps=self.sampler.num_steps,
+        return Reconstruction(encoded=encoded, patches=patches, steps=self.sampler.num_steps,
                               seconds=time.perf_counter() - start, gamma=self.meta.encoding.gamma,
                               extra={"step_graph": graphed})
 

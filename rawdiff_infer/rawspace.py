@@ -44,15 +44,25 @@ class RawEncoding:
         return cls(gamma=float(d.get("gamma", 2.2)))
 
 
-def srgb_to_model(image: np.ndarray) -> torch.Tensor:
-    """uint8 / uint16 / float [0, 1] H x W x 3 image -> float32 tensor [1, 3, H, W] in [-1, 1]."""
+def srgb_to_model(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 / uint16 / float [0, 1] H x W x 3 image -> float32 tensor [1, 3, H, W] in [-1, 1] on ``device``.
+
+    The integer image travels to the device as it is (a quarter of the bytes of float32 for uint8) and is
+    converted there."""
     if image.dtype == np.uint8:
-        unit = image.astype(np.float32) / 255.0
+        scale = 255.0
     elif image.dtype == np.uint16:
-        unit = image.astype(np.float32) / 65535.0
+        scale = 65535.0
+        image = image.astype(np.int32)  # torch has no uint16 arithmetic on every device
     else:
-        unit = np.clip(image.astype(np.float32), 0.0, 1.0)
-    return torch.from_numpy(np.ascontiguousarray(unit.transpose(2, 0, 1)))[None] * 2.0 - 1.0
+        scale = None
+        image = image.astype(np.float32, copy=False)
+    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    if scale is None:
+        unit = t.clamp(0.0, 1.0)
+    else:
+        unit = t.float().div_(scale)
+    return unit.permute(2, 0, 1)[None].mul(2.0).sub_(1.0).contiguous()
 
 
 def model_to_unit(x: torch.Tensor) -> torch.Tensor:

@@ -185,3 +185,29 @@ def test_time_budget_shortens_the_schedule_so_it_still_ends_at_lr_min(toy, tmp_p
     assert lr_at(tr.cfg.steps - 1, tr.cfg) == pytest.approx(tr.cfg.lr_min, rel=0.05)
     assert lr_at(tr.step - 1, tr.cfg) < 0.6 * tr.cfg.lr
     assert took < 12.0 * 1.5 + 3
+
+
+def test_init_from_fine_tunes_from_a_model(toy, tmp_path: Path) -> None:
+    from rawdiff_infer.checkpoint import CheckpointError, save_checkpoint
+
+    first = _trainer(toy, tmp_path / "a", steps=20)
+    first.run(progress=False)
+    save_checkpoint(first.ema, tmp_path / "m.safetensors", meta=ModelMeta(model=MICRO, provenance={"train_steps": 20}))
+    tuned = _trainer(toy, tmp_path / "b", steps=5, seed=7)
+    origin = tuned.init_from(tmp_path / "m.safetensors")
+    assert origin["train_steps"] == 20 and tuned.step == 0
+    for a, b, c in zip(first.ema.state_dict().values(), tuned.model.state_dict().values(),
+                       tuned.ema.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # it trains on from there: the loss starts where the first run ended, not where a fresh model starts
+    untrained = _trainer(toy, tmp_path / "c", steps=5, seed=7)
+    fresh = np.mean([untrained.accumulate_gradients().item() for _ in range(4)])
+    tuned_loss = np.mean([tuned.accumulate_gradients().item() for _ in range(4)])
+    print(f"loss from the model {tuned_loss:.3f}, from scratch {fresh:.3f}")
+    assert tuned_loss < 0.85 * fresh
+    other = dataclasses.replace(MICRO, base_channels=16)
+    from rawdiff_infer.model import UNet
+
+    save_checkpoint(UNet(other), tmp_path / "other.safetensors", meta=ModelMeta(model=other))
+    with pytest.raises(CheckpointError, match="not this run's"):
+        _trainer(toy, tmp_path / "d").init_from(tmp_path / "other.safetensors")

@@ -118,11 +118,14 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
 @click.option("--log-every", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--max-minutes", type=float, help="Stop (and save) after this much wall time.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
+@click.option("--init", "init_ckpt", type=click.Path(exists=True),
+              help="Fine-tune: start from this model's weights (.safetensors or sharded folder, e.g. "
+              "rawdiff_infer/weights) with a fresh optimizer and lr schedule. Same U-Net and noise schedule.")
 @click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs tensorboard).")
 @click.option("-q", "--quiet", is_flag=True)
 def cli(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, cache, val_count, val_crop, val_steps,
         config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema, schedule, seed, device, bf16,
-        compile_, ckpt_every, val_every, log_every, max_minutes, resume, tensorboard, quiet) -> None:
+        compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt, tensorboard, quiet) -> None:
     logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     if sum(bool(x) for x in (photos, raw, fivek)) != 1:
         raise click.UsageError("give exactly one of --photos, --raw, --fivek")
@@ -135,7 +138,7 @@ def cli(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, ca
 
 def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, cache, val_count, val_crop, val_steps,
          config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema, schedule, seed, device, bf16,
-         compile_, ckpt_every, val_every, log_every, max_minutes, resume, tensorboard, quiet) -> int:
+         compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt, tensorboard, quiet) -> int:
     import torch
     import torch.distributed as dist
 
@@ -148,6 +151,10 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, c
     from .trainer import TrainConfig, Trainer
     from .validation import ValidationSet, center_crop
 
+    if init_ckpt and resume:
+        click.echo("rawdiff-train: error: --init (fine-tune from a model) and --resume (continue this run) "
+                   "contradict each other", err=True)
+        return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -180,6 +187,15 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, c
         targets = [center_crop(enc.encode(p.raw).astype(np.float32), val_crop) for p in val]
         validate = ValidationSet(inputs, targets, meta, device=device, steps=val_steps)
     trainer = Trainer(pool, out, config=cfg, meta=meta, device=device, validate=validate, tensorboard=tensorboard)
+    if init_ckpt:
+        from rawdiff_infer.checkpoint import CheckpointError
+
+        try:
+            origin = trainer.init_from(init_ckpt)
+        except (CheckpointError, OSError) as e:
+            click.echo(f"rawdiff-train: error: --init: {str(e).splitlines()[0]}", err=True)
+            return 1
+        meta.provenance["initialised_from"] = {"path": str(init_ckpt), **origin}
     if resume:
         latest = Path(out) / "latest"
         if not latest.exists():

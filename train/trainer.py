@@ -228,6 +228,24 @@ class Trainer:
         (self.out / "latest").write_text(d.name + "\n")
         return d
 
+    def init_from(self, ckpt: str | os.PathLike) -> dict[str, Any]:
+        """Start from a model's weights (fine-tuning): model and EMA both take them; the optimizer, the lr schedule
+        and the step count start fresh. The checkpoint's U-Net and noise schedule must match this run's.
+
+        Returns the checkpoint's provenance (what it was trained on, for how many steps)."""
+        from rawdiff_infer.checkpoint import CheckpointError, load_checkpoint
+
+        net, meta = load_checkpoint(ckpt, device=self.device)
+        if meta.model != self.model.config:
+            raise CheckpointError(f"{ckpt}: its U-Net ({meta.model}) is not this run's ({self.model.config})")
+        if meta.schedule != self.meta.schedule:
+            raise CheckpointError(f"{ckpt}: trained with noise schedule {meta.schedule}, this run uses "
+                                  f"{self.meta.schedule}")
+        state = {k: v.float() for k, v in net.state_dict().items()}
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        return dict(meta.provenance or {})
+
     def load(self, ckpt_dir: str | os.PathLike) -> None:
         """Restore a state written by ``save`` (weights, EMA, optimizer, step, generator). No pickle involved."""
         from safetensors.torch import load_file
