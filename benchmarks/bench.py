@@ -170,11 +170,11 @@ def bench_image(backend: Backend, image: np.ndarray | Path, *, sampler: str = "d
                 merge: str = "step", stride: int | None = None, batch_size: int = 512, variant: str = "",
                 warmup: int = 1, repeats: int = 3, write: bool = True, seed: int = 0,
                 reference: np.ndarray | None = None, gflop: float | None = None,
-                step_graph: bool | None = None) -> ImageResult:
+                step_graph: bool = False) -> ImageResult:
     """Time one image end to end: decode (if a path), denoise (RawReconstructor), write (DNG to a temp dir).
 
     ``reference`` (H x W x 3 encoded RAW in [0, 1]) adds the PSNR of the result. ``step_graph``: record the whole
-    model evaluation of a sampler step as one CUDA graph (None: wherever the backend allows; see RawReconstructor).
+    model evaluation of a sampler step as one CUDA graph (see RawReconstructor).
     The warm-up calls absorb compilation and the graph's capture.
     """
     from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig

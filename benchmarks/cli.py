@@ -47,13 +47,13 @@ Examples:
               help="Also time square images of this side (pixels) end to end.")
 @click.option("--image", "image_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also time these image files end to end.")
-@click.option("--sampler", "samplers", multiple=True, type=click.Choice(["ddpm", "ddim", "dpm", "dpm-single"]),
+@click.option("--sampler", "samplers", multiple=True, type=click.Choice(["ddpm", "ddim", "dpm", "dpm-sde", "dpm-single"]),
               help="Samplers for the image runs (default dpm).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Steps for the image runs (default: the sampler's).")
 @click.option("--merge", type=click.Choice(["step", "end"]), default="step", show_default=True)
-@click.option("--step-graph", type=click.Choice(["auto", "on", "off", "both"]), default="auto", show_default=True,
+@click.option("--step-graph", type=click.Choice(["off", "on", "both"]), default="off", show_default=True,
               help="Image runs: record each sampler step's whole model evaluation as one CUDA graph (torch on "
-                   "CUDA, --merge step). auto: wherever possible; both: time with and without, side by side.")
+                   "CUDA, --merge step); both: time without and with it, side by side.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(1), default=10, show_default=True)
@@ -70,8 +70,8 @@ def cli(ckpt, config_name, backends, model_file, variants, dtypes, batches, patc
                                 patch_size=patch_size, image_sizes=image_sizes, image_files=image_files,
                                 samplers=samplers or ("dpm",), steps=steps, merge=merge, device=device,
                                 warmup=warmup, repeats=repeats,
-                                step_graphs={"auto": (None,), "on": (True,), "off": (False,),
-                                             "both": (False, True)}[step_graph], echo=lambda s: click.echo(s, err=True))
+                                step_graphs={"on": (True,), "off": (False,), "both": (False, True)}[step_graph],
+                                echo=lambda s: click.echo(s, err=True))
     except (ValueError, RuntimeError, OSError, ImportError) as e:
         click.echo(f"rawdiff-bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         sys.exit(1)

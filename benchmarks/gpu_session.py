@@ -179,7 +179,8 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
     recs = {}
     for merge in ("step", "end"):
         tiles = TileConfig(stride=48 if merge == "step" else 64, merge=merge, batch_size=max_patches)
-        recs[merge] = RawReconstructor(backend, sampler=SamplerConfig(method="dpm", steps=2), tiles=tiles)
+        recs[merge] = RawReconstructor(backend, sampler=SamplerConfig(method="dpm", steps=2), tiles=tiles,
+                                       step_graph=cuda and merge == "step")
         t = time.perf_counter()
         out = recs[merge].reconstruct(inputs[0], seed=0)  # warm-up: compile, capture; not timed
         res.phase("eval", **{f"warmup_seconds_{merge}": time.perf_counter() - t,

@@ -101,7 +101,7 @@ def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str
                    variants: Sequence[str], dtypes: Sequence[str], batches: Sequence[int], patch_size: int,
                    image_sizes: Sequence[int], image_files: Sequence[str], samplers: Sequence[str],
                    steps: int | None, merge: str, device: str, warmup: int, repeats: int,
-                   step_graphs: Sequence[bool | None] = (None,),
+                   step_graphs: Sequence[bool] = (False,),
                    echo: Callable[[str], None] = print) -> Report:
     """Run every requested measurement; returns a Report."""
     if device == "auto":

@@ -309,13 +309,14 @@ atomically: never a partial file, never an existing file overwritten without --f
 @click.option("--ckpt", help="rawdiff checkpoint (.safetensors or sharded folder). Default: the bundled model.")
 @click.option("--model", "model_file", help="Model for --backend onnx|trt: an .onnx file or a TensorRT engine.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch", show_default=True)
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm", "dpm-single"]), default="dpm",
-              show_default=True, help="ddpm: 1000-step ancestral; ddim; dpm: DPM-Solver++ multistep; "
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm", "dpm-sde", "dpm-single"]), default="dpm-sde",
+              show_default=True, help="ddpm: 1000-step ancestral; ddim; dpm: DPM-Solver++ multistep (ODE); "
+              "dpm-sde: SDE-DPM-Solver++ multistep (stochastic: re-injects noise like ddpm); "
               "dpm-single: singlestep DPM-Solver (the paper's fast sampler).")
 @click.option("--steps", type=click.IntRange(1, 1000),
-              help="Model evaluations. Default: ddpm 1000, ddim 50, dpm 20, dpm-single 20.")
+              help="Model evaluations. Default: ddpm 1000, ddim 50, dpm 20, dpm-sde 20, dpm-single 20.")
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="DDIM noise.")
-@click.option("--order", type=click.IntRange(1, 3), help="Solver order (dpm: 2, dpm-single: 3).")
+@click.option("--order", type=click.IntRange(1, 3), help="Solver order (dpm: 2, dpm-sde: 2 at most, dpm-single: 3).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same output).")
 @click.option("--patch-size", type=click.IntRange(8), help="Patch size in pixels, a multiple of 8 "
               "(default: the model's, 64).")
@@ -330,10 +331,10 @@ atomically: never a partial file, never an existing file overwritten without --f
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch backend precision (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (CUDA; slow first image).")
-@click.option("--cuda-graph/--no-cuda-graph", default=None,
-              help="Replay CUDA graphs. With --merge step (torch backend): each sampler step's whole model "
-              "evaluation (every patch batch and the fusion) is recorded once per image size, on by default on "
-              "CUDA. With --merge end: the U-Net per batch (fixed --batch-size), off by default.")
+@click.option("--cuda-graph", is_flag=True,
+              help="Replay CUDA graphs (torch backend). --merge step: each sampler step's whole model evaluation "
+              "(every patch batch and the fusion) is recorded once per image size; --merge end: the U-Net per "
+              "batch (fixed --batch-size). Helps where batches are small; costs GPU memory.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Raise/lower the decompression-bomb limit (pixels).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs all exist (they are complete: writes are "
@@ -470,8 +471,7 @@ def _run(inputs, output, formats, encoded, model_path, backend_kind, method, ste
         if cuda_graph and not dev.startswith("cuda"):
             raise ValueError("--cuda-graph needs a CUDA device")
         # step fusion records the whole step (the backend's own per-batch graph would only cost memory)
-        be = _load_backend(backend_kind, model_path, dev, dtype, batch_size, compile_,
-                           bool(cuda_graph) and merge == "end")
+        be = _load_backend(backend_kind, model_path, dev, dtype, batch_size, compile_, cuda_graph and merge == "end")
     except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
         raise UsageError(_first_line(e)) from None
     done = 0
@@ -482,8 +482,8 @@ def _run(inputs, output, formats, encoded, model_path, backend_kind, method, ste
                                merge=merge)
         except ValueError as e:
             raise UsageError(_first_line(e)) from None
-        step_graph = cuda_graph if merge == "step" and be.capturable else False
-        if cuda_graph and merge == "step" and not be.capturable:
+        step_graph = cuda_graph and merge == "step"
+        if step_graph and not be.capturable:
             raise UsageError(f"--cuda-graph with --merge step needs the torch backend (got {backend_kind})")
         rec = RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph)
         images = tqdm(todo, desc="images", unit="img", disable=quiet or len(todo) < 2, file=sys.stderr)

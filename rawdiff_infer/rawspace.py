@@ -57,7 +57,10 @@ def srgb_to_model(image: np.ndarray, device: torch.device | str = "cpu") -> torc
     else:
         scale = None
         image = image.astype(np.float32, copy=False)
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # decoded images can be read-only; torch wants to own writable memory
+        image = image.copy()
+    t = torch.from_numpy(image).to(device)
     if scale is None:
         unit = t.clamp(0.0, 1.0)
     else:

@@ -21,14 +21,16 @@ import torch
 
 from .schedule import Schedule, Spacing
 
-__all__ = ["sample", "SAMPLERS", "DEFAULT_STEPS", "EpsFn", "ddpm", "ddim", "dpm_multistep", "dpm_singlestep"]
+__all__ = ["sample", "SAMPLERS", "DEFAULT_STEPS", "EpsFn", "ddpm", "ddim", "dpm_multistep", "dpm_sde",
+           "dpm_singlestep"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int], None]
 
 #: method -> (default steps, default spacing)
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-single": 20}
-DEFAULT_SPACING: dict[str, str] = {"ddpm": "linspace", "ddim": "linspace", "dpm": "logSNR", "dpm-single": "logSNR"}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 20, "dpm-single": 20}
+DEFAULT_SPACING: dict[str, str] = {"ddpm": "linspace", "ddim": "linspace", "dpm": "logSNR", "dpm-sde": "logSNR",
+                                   "dpm-single": "logSNR"}
 
 
 class Predictor:
@@ -127,6 +129,39 @@ def dpm_multistep(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Sc
     return x
 
 
+def dpm_sde(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule, order: int = 2,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """SDE-DPM-Solver++ (1S / 2M), data prediction (Lu et al. 2022b, sec. 5 and app. B; diffusers'
+    ``sde-dpmsolver++`` with the midpoint 2M correction):
+
+        x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) (D0 + D1 / 2) + sigma_t sqrt(1 - e^{-2h}) z
+
+    with D0 the newest x0 prediction, D1 = (D0 - previous) / r0 (order 2, from the second step), z ~ N(0, I).
+    Like DDPM it re-injects noise at every step, which corrects the model's errors instead of carrying them along
+    the trajectory, at the cost of needing more steps than the ODE solvers for the same discretisation error.
+    The last update (to sigma = 0) returns x0."""
+    if order not in (1, 2):
+        raise ValueError("dpm-sde order must be 1 or 2")
+    n = len(ts)
+    lam = schedule.lambda_(ts)
+    alpha, sigma = schedule.alpha_sigma(ts)
+    prev: torch.Tensor | None = None
+    for i, t in enumerate(ts):
+        x0, _ = pred(x, float(t))
+        if i == n - 1:
+            return x0
+        h = lam[i + 1] - lam[i]
+        a_t, s_t = alpha[i + 1], sigma[i + 1]
+        one_minus = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+        x = torch.mul(x, s_t / sigma[i] * math.exp(-h)).add_(x0, alpha=a_t * one_minus)
+        if order == 2 and prev is not None:
+            c = 0.5 * a_t * one_minus * h / (lam[i] - lam[i - 1])  # 0.5 alpha_t (1 - e^{-2h}) / r0
+            x.add_(x0, alpha=c).add_(prev, alpha=-c)
+        x.add_(_randn_like(x, generator), alpha=s_t * math.sqrt(one_minus))
+        prev = x0
+    return x
+
+
 def _singlestep_update(pred: Predictor, x: torch.Tensor, t_s: float, t_t: float, k: int, schedule: Schedule,
                        algorithm: str) -> torch.Tensor:
     """One singlestep DPM-Solver(-++) update of order k from t_s to t_t (Lu et al. 2022a Alg. 1/2, 2022b Alg. 1)."""
@@ -187,7 +222,7 @@ def dpm_singlestep(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: S
     return pred(x, float(ts[-1]))[0]
 
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm", "dpm-single")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm", "dpm-sde", "dpm-single")
 
 
 def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = "dpm", steps: int | None = None,
@@ -201,13 +236,14 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = "
         eps_fn: noise predictor, see module docstring.
         x_T: [B, C, H, W] starting noise (standard normal), float32 (or float64 for tests).
         schedule: the schedule the model was trained with.
-        method: "ddpm" | "ddim" | "dpm" (DPM-Solver++ multistep) | "dpm-single" (singlestep DPM-Solver).
-        steps: model evaluations (default per method: ddpm 1000, ddim 50, dpm 20, dpm-single 20).
+        method: "ddpm" | "ddim" | "dpm" (DPM-Solver++ multistep, ODE) | "dpm-sde" (SDE-DPM-Solver++ multistep,
+            stochastic) | "dpm-single" (singlestep DPM-Solver).
+        steps: model evaluations (default per method: ddpm 1000, ddim 50, dpm 20, dpm-sde 20, dpm-single 20).
         eta: DDIM stochasticity in [0, 1] (0 = deterministic).
-        generator: source of all noise drawn during sampling (ddpm, ddim with eta > 0).
+        generator: source of all noise drawn during sampling (ddpm, dpm-sde, ddim with eta > 0).
         timesteps: explicit decreasing grid (training units) overriding ``steps``/``spacing``.
         spacing: grid spacing, see Schedule.timesteps (default: linspace for ddpm/ddim, logSNR for dpm solvers).
-        order: solver order (dpm: 1-3, default 2; dpm-single: 1-3, default 3).
+        order: solver order (dpm: 1-3, default 2; dpm-sde: 1-2, default 2; dpm-single: 1-3, default 3).
         algorithm: dpm-single only: "dpmsolver++" (data prediction, default) or "dpmsolver" (noise prediction).
         clip_x0: static clamp of the x0 prediction, or None.
         callback: called as callback(evaluations_done, evaluations_total) after every model evaluation.
@@ -246,4 +282,6 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = "
         return ddpm(pred, x, ts, schedule, generator)
     if method == "ddim":
         return ddim(pred, x, ts, schedule, eta, generator)
+    if method == "dpm-sde":
+        return dpm_sde(pred, x, ts, schedule, order or 2, generator)
     return dpm_multistep(pred, x, ts, schedule, order or 2)

@@ -113,6 +113,31 @@ def test_ddim_eta_one_samples_distribution_too() -> None:
     assert abs(out.std().item() - S) < 0.03
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_dpm_sde_samples_the_data_distribution(order: int) -> None:
+    """First order shrinks the spread at coarse steps (std 0.46 of 0.5 at 50 steps): it gets 4x more steps."""
+    x_T = _xT((1, 1, 128, 128), dtype=torch.float32)
+    steps = {1: 200, 2: 50}[order]
+    out = sample(oracle_eps(MU, S), x_T, SCH, "dpm-sde", steps, order=order, generator=torch.Generator().manual_seed(3),
+                 clip_x0=None)
+    assert abs(out.mean().item() - MU) < 0.02
+    assert abs(out.std().item() - S) < 0.03
+    # stochastic: another seed, another sample; the ODE solver from the same x_T lands elsewhere
+    other = sample(oracle_eps(MU, S), x_T, SCH, "dpm-sde", steps, order=order,
+                   generator=torch.Generator().manual_seed(4), clip_x0=None)
+    assert (other - out).abs().max() > 0.1
+    assert (sample(oracle_eps(MU, S), x_T, SCH, "dpm", 50, clip_x0=None) - out).abs().mean() > 0.1
+
+
+def test_dpm_sde_has_no_drift_from_coarse_steps() -> None:
+    """Few steps, many pixels: the SDE solver's sample mean and spread stay on the data's (no systematic bias)."""
+    x_T = _xT((1, 1, 256, 256), dtype=torch.float32)
+    out = sample(oracle_eps(MU, S), x_T, SCH, "dpm-sde", 10, generator=torch.Generator().manual_seed(5),
+                 clip_x0=None)
+    assert abs(out.mean().item() - MU) < 0.02
+    assert abs(out.std().item() - S) < 0.05
+
+
 def test_dpm_order1_equals_ddim() -> None:
     """Cross-sampler identity: first-order DPM-Solver++ is DDIM (eta = 0) on the same grid."""
     x_T = _xT(dtype=torch.float32)
@@ -213,12 +238,18 @@ def test_ddim_matches_diffusers(steps: int, spacing: str) -> None:
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("order,steps", [(2, 20), (2, 10), (3, 20), (3, 12)])
-def test_dpmsolver_multistep_matches_diffusers(order: int, steps: int) -> None:
-    sch = diffusers.DPMSolverMultistepScheduler(**COMMON, algorithm_type="dpmsolver++", solver_order=order,
+def _dpm_scheduler(algorithm: str, order: int, steps: int):
+    """diffusers' multistep DPM-Solver configured like ours: midpoint 2M, first-order final step to sigma = 0."""
+    sch = diffusers.DPMSolverMultistepScheduler(**COMMON, algorithm_type=algorithm, solver_order=order,
                                                 solver_type="midpoint", lower_order_final=True,
                                                 final_sigmas_type="zero", timestep_spacing="linspace")
     sch.set_timesteps(steps)
+    return sch
+
+
+@pytest.mark.parametrize("order,steps", [(2, 20), (2, 10), (3, 20), (3, 12)])
+def test_dpmsolver_multistep_matches_diffusers(order: int, steps: int) -> None:
+    sch = _dpm_scheduler("dpmsolver++", order, steps)
     x_T = _xT((1, 3, 16, 16), dtype=torch.float32)
     eps_fn = _toy_eps()
     ref = _run_diffusers(sch, eps_fn, x_T)
@@ -226,4 +257,21 @@ def test_dpmsolver_multistep_matches_diffusers(order: int, steps: int) -> None:
                   clip_x0=None)
     err = ((ours - ref).abs().max() / ref.abs().max()).item()
     print(f"DPM-Solver++ {order}M {steps}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("order,steps", [(2, 20), (1, 10), (2, 12)])
+def test_sde_dpmsolver_matches_diffusers(order: int, steps: int) -> None:
+    """Same generator, same noise draws: our dpm-sde against diffusers' sde-dpmsolver++ (midpoint)."""
+    sch = _dpm_scheduler("sde-dpmsolver++", order, steps)
+    x_T = _xT((1, 3, 16, 16), dtype=torch.float32)
+    eps_fn = _toy_eps()
+    g = torch.Generator().manual_seed(11)
+    x = x_T.clone()
+    for t in sch.timesteps:
+        x = sch.step(eps_fn(x, torch.full((1,), float(t))), t, x, generator=g).prev_sample
+    ours = sample(eps_fn, x_T, SCH, "dpm-sde", order=order, timesteps=sch.timesteps.numpy().astype(float),
+                  clip_x0=None, generator=torch.Generator().manual_seed(11))
+    err = ((ours - x).abs().max() / x.abs().max()).item()
+    print(f"SDE-DPM-Solver++ {order}M {steps}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
     assert err < 1e-5
