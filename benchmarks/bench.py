@@ -302,7 +302,8 @@ UNET_COLUMNS = [("variant", "variant", "s"), ("dtype", "dtype", "s"), ("batch", 
                 ("patches_per_s", "patches/s", ".0f"), ("tflops", "TFLOP/s", ".2f"),
                 ("peak_mem_mb", "peak MiB", ".0f")]
 IMAGE_COLUMNS = [("variant", "variant", "s"), ("sampler", "sampler", "s"), ("steps", "steps", "d"),
-                 ("merge", "merge", "s"), ("step_graph", "step graph", ""), ("width", "W", "d"), ("height", "H", "d"), ("patches", "patches", "d"),
+                 ("merge", "merge", "s"), ("step_graph", "step graph", ""), ("width", "W", "d"), ("height", "H", "d"),
+                 ("patches", "patches", "d"),
                  ("decode_s", "decode s", ".3f"), ("denoise_s", "denoise s", ".3f"), ("write_s", "write s", ".3f"),
                  ("tflops", "TFLOP/s", ".1f"), ("psnr_db", "PSNR dB", ".2f")]
 

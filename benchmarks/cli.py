@@ -47,7 +47,8 @@ Examples:
               help="Also time square images of this side (pixels) end to end.")
 @click.option("--image", "image_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also time these image files end to end.")
-@click.option("--sampler", "samplers", multiple=True, type=click.Choice(["ddpm", "ddim", "dpm", "dpm-sde", "dpm-single"]),
+@click.option("--sampler", "samplers", multiple=True,
+              type=click.Choice(["ddpm", "ddim", "dpm", "dpm-sde", "dpm-single"]),
               help="Samplers for the image runs (default dpm).")
 @click.option("--steps", type=click.IntRange(1, 1000), help="Steps for the image runs (default: the sampler's).")
 @click.option("--merge", type=click.Choice(["step", "end"]), default="step", show_default=True)

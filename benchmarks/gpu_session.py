@@ -211,7 +211,8 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
                     recon[f"pred_{val_files[k].stem}"] = out.encoded.astype(np.float16)
             per_eval = max(per_eval or 0.0, float(np.mean(times)) / steps)
             table.append({"sampler": method, "steps": steps, "order": order, "merge": merge,
-                          "psnr": float(np.mean(scores)), "psnr_each": scores, "seconds_per_image": float(np.mean(times)),
+                          "psnr": float(np.mean(scores)), "psnr_each": scores,
+                          "seconds_per_image": float(np.mean(times)),
                           "patches": PatchGrid(h, w, rec.tiles).num_patches,
                           "step_graph": bool(out.extra.get("step_graph"))})
             res.phase("eval", table=table)

@@ -26,8 +26,8 @@ import torch
 
 from .samplers import sample
 
-__all__ = ["TileConfig", "PatchGrid", "TiledDenoiser", "GraphedDenoiser", "grid_starts", "window_1d", "sample_independent",
-           "WINDOWS"]
+__all__ = ["TileConfig", "PatchGrid", "TiledDenoiser", "GraphedDenoiser", "grid_starts", "window_1d",
+           "sample_independent", "WINDOWS"]
 
 Window = Literal["hann", "linear", "uniform"]
 WINDOWS: tuple[str, ...] = ("hann", "linear", "uniform")
