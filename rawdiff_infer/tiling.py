@@ -207,7 +207,6 @@ class TiledDenoiser:
         b, _, h, w = cond.shape
         self.grid = PatchGrid(h, w, self.config, self.device)
         self.cond_patches = [self._unfold(c) for c in cond]
-        self.evaluations = 0
 
     def _unfold(self, canvas: torch.Tensor) -> torch.Tensor:
         """The condition is unfolded once per image, in the backend's input dtype: [N, 3, P, P]."""
@@ -245,7 +244,6 @@ class TiledDenoiser:
                 tt = t[b].to(self.device, torch.float32).expand(k1 - k0)
                 eps = self.patch_fn(xp, self.cond_patches[b][k0:k1], tt)
                 g.scatter(acc, eps.float(), k0)
-                self.evaluations += k1 - k0
             if out is None:  # one canvas, no padding: the accumulator is the result (saves a canvas copy)
                 return acc[None]
             out[b] = g.crop(acc).to(x.device)
@@ -279,7 +277,6 @@ class GraphedDenoiser:
         self._x = torch.zeros(denoiser.canvas_shape, dtype=torch.float32, device=self.device)
         self._t = torch.zeros(denoiser.canvas_shape[0], dtype=torch.float32, device=self.device)
         self._out: torch.Tensor | None = None
-        self.evaluations = 0
 
     @property
     def num_patches(self) -> int:
@@ -317,7 +314,6 @@ class GraphedDenoiser:
         self.capture()
         assert self._graph is not None and self._out is not None
         self._graph.replay()
-        self.evaluations += self.num_patches * x.shape[0]
         return self._out.clone()  # the caller owns it: the next replay overwrites the graph's buffer
 
     def close(self) -> None:
