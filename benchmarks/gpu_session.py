@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rawdiff_infer.fsio import write_bytes
 from rawdiff_infer.metrics import psnr
 
 T0 = time.perf_counter()
@@ -59,9 +60,7 @@ class Results:
         self.flush()
 
     def flush(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        write_bytes(self.path, json.dumps(self.data, indent=1, default=str).encode(), overwrite=True)
 
 
 def make_pairs(files, *, camera, seed: int, variants: int, workers: int):

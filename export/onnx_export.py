@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from torch import nn
 
 from rawdiff_infer import __version__
 from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
+from rawdiff_infer.backends.base import INPUT_NAMES, OUTPUT_NAME
+from rawdiff_infer.fsio import atomic_path
 from rawdiff_infer.model import UNet
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "ONNX_FORMAT", "OUTPUT_NAME", "ExportError", "ExportedCheckpoint",
@@ -44,8 +45,6 @@ __all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "ONNX_FORMAT", "OUTPUT_NAME", "Export
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16"]
-INPUT_NAMES = ("x_t", "cond", "t")
-OUTPUT_NAME = "eps"
 ONNX_FORMAT = "rawdiff-onnx/1"
 DEFAULT_OPSET = 17
 OPSETS = (17, 18, 19)
@@ -201,31 +200,9 @@ def check_graph(model_proto, precision: Precision) -> list[str]:
     return problems
 
 
-def _file_mode() -> int:
-    """rw for everyone the umask allows (mkstemp's temporaries are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_save(model_proto, path: Path) -> None:
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model_proto, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_onnx(model: UNet, meta: ModelMeta, path: str | os.PathLike, *, precision: Precision = "fp32",
                 patch_size: int | None = None, opset: int = DEFAULT_OPSET, checkpoint_sha256: str = "",
-                producer_note: str = "") -> Path:
+                producer_note: str = "", overwrite: bool = False) -> Path:
     """Export ``model`` to an ONNX file (written atomically) and verify it.
 
     Args:
@@ -236,6 +213,7 @@ def export_onnx(model: UNet, meta: ModelMeta, path: str | os.PathLike, *, precis
         patch_size: P, pixels (default: the model's training patch size); must be a multiple of 2**(stages-1).
         opset: ONNX opset, 17..19.
         checkpoint_sha256: recorded in the metadata (``file_sha256`` of the checkpoint).
+        overwrite: replace an existing ``path``; otherwise ``fsio.OutputExistsError`` if it exists.
     Returns the path written. Raises ExportError (one line) if the graph fails the checker or ``check_graph``.
     """
     import copy
@@ -275,7 +253,9 @@ def export_onnx(model: UNet, meta: ModelMeta, path: str | os.PathLike, *, precis
     if problems:
         raise ExportError(f"exported {precision} graph is wrong: {problems[0]} (+{len(problems) - 1} more)")
     out = Path(path)
-    _atomic_save(proto, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        onnx.save_model(proto, str(tmp))
     log.info("wrote %s (%s, %.1f MB)", out, precision, out.stat().st_size / 1e6)
     return out
 

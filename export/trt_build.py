@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from rawdiff_infer import __version__
+from rawdiff_infer.fsio import sha256_file, write_bytes
 from rawdiff_infer.backends.tensorrt import (SIDECAR_FORMAT, GpuInfo, TensorRT, detect_gpu, gpu_slug, load_tensorrt,
                                              make_logger, parse_cc, sidecar_path)
 
-from .onnx_export import INPUT_NAMES, OUTPUT_NAME, ExportError, _file_mode, read_onnx_info
+from .onnx_export import INPUT_NAMES, OUTPUT_NAME, ExportError, read_onnx_info
 
 __all__ = ["BuildOptions", "BuildResult", "build_engine", "default_engine_path", "network_dtype_counts",
-           "parse_network", "sha256_file"]
+           "parse_network"]
 
 log = logging.getLogger(__name__)
 
@@ -79,27 +79,6 @@ class BuildResult:
     seconds: float
     engine_bytes: int
     sidecar: dict[str, Any] = field(repr=False)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _target_tag(trt: TensorRT, gpu: GpuInfo | None, ccs: tuple[str, ...]) -> str:
@@ -223,7 +202,8 @@ def _configure(trt: TensorRT, builder: Any, network: Any, opts: BuildOptions, gp
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | None = None, *,
-                 options: BuildOptions | None = None, trt: TensorRT | None = None) -> BuildResult:
+                 options: BuildOptions | None = None, trt: TensorRT | None = None,
+                 overwrite: bool = False) -> BuildResult:
     """Build a strongly typed TensorRT engine from a rawdiff ONNX file, and write ``<engine>.json`` beside it.
 
     Args:
@@ -231,6 +211,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         engine_path: destination (default: ``default_engine_path``).
         options: BuildOptions.
         trt: a loaded TensorRT (default: ``load_tensorrt()``).
+        overwrite: replace an existing engine and sidecar; otherwise ``fsio.OutputExistsError`` if one exists.
     Returns a BuildResult. Both files are written atomically. Raises ExportError / TensorRTNotFound (one line).
     """
     opts = options or BuildOptions()
@@ -253,9 +234,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     out = Path(engine_path) if engine_path is not None else default_engine_path(
         onnx_path, trt, gpu, info.precision, opts.compute_capabilities)
     data = memoryview(plan)
-    _atomic_write(out, data)
-    if cache is not None and opts.timing_cache:
-        _atomic_write(Path(opts.timing_cache), memoryview(config.get_timing_cache().serialize()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(out, data, overwrite=overwrite)
+    if cache is not None and opts.timing_cache:  # a cache is a cache: always refreshed
+        write_bytes(Path(opts.timing_cache), memoryview(config.get_timing_cache().serialize()), overwrite=True)
     # TensorRT-RTX builds for the current GPU only when it targets it (CURRENT); otherwise ahead of time
     aot = gpu is None or (trt.is_rtx and not (gpu is not None and ccs == [gpu.cc] and not opts.compute_capabilities))
     sidecar = {
@@ -279,6 +261,6 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
         "rawdiff": info.meta.to_dict(),
     }
     sp = sidecar_path(out)
-    _atomic_write(sp, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes(sp, (json.dumps(sidecar, indent=1, sort_keys=True) + "\n").encode(), overwrite=overwrite)
     log.info("built %s (%.1f MB) in %.1f s", out, len(data) / 1e6, seconds)
     return BuildResult(out, sp, seconds, len(data), sidecar)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import nn
 
 from . import __version__
 from .camera import DEFAULT_CAMERA, Camera
+from .fsio import atomic_path, write_bytes
 from .model import UNet, UNetConfig
 from .rawspace import RawEncoding
 from .schedule import ScheduleConfig
@@ -68,16 +68,6 @@ class ModelMeta:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    """A temp file beside ``path`` with the permissions a plain open() would give (mkstemp's are 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     sd = {}
     for k, v in model.state_dict().items():
@@ -89,7 +79,8 @@ def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.
 
 
 def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | None = None,
-                    dtype: torch.dtype | None = None, shard_bytes: int | None = None, **provenance: Any) -> Path:
+                    dtype: torch.dtype | None = None, shard_bytes: int | None = None, overwrite: bool = False,
+                    **provenance: Any) -> Path:
     """Write ``model`` (and its description) to ``path``.
 
     Args:
@@ -98,8 +89,10 @@ def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | N
         meta: schedule / encoding / camera / provenance; defaults to the paper's settings.
         dtype: store floating weights in this dtype (e.g. torch.float16); default: as they are.
         shard_bytes: split the weights into shards of at most this many bytes, written into directory ``path``.
+        overwrite: replace existing files; otherwise ``fsio.OutputExistsError`` if one exists.
         **provenance: extra provenance entries (merged into ``meta.provenance``).
-    Returns the path written (the file, or the directory's ``rawdiff.json``). Writes are atomic (temp + rename).
+    Returns the path written (the file, or the directory's ``rawdiff.json``). Every file is written atomically
+    (``fsio``).
     """
     from safetensors.torch import save_file
 
@@ -109,14 +102,9 @@ def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | N
     sd = _state_dict(model, dtype)
     path = Path(path)
     if shard_bytes is None:
-        fd, tmp = _atomic_target(path)
-        os.close(fd)
-        try:
-            save_file(sd, tmp, metadata={"rawdiff": meta.to_json()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            save_file(sd, str(tmp), metadata={"rawdiff": meta.to_json()})
         return path
     # sharded directory
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -132,20 +120,11 @@ def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | N
     names = []
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:02d}-of-{len(shards):02d}.safetensors"
-        fd, tmp = _atomic_target(path / name)
-        os.close(fd)
-        try:
-            save_file(shard, tmp, metadata={"rawdiff": meta.to_json()})
-            os.replace(tmp, path / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path / name, overwrite=overwrite) as tmp:
+            save_file(shard, str(tmp), metadata={"rawdiff": meta.to_json()})
         names.append(name)
     index = {**meta.to_dict(), "shards": names}
-    fd, tmp = _atomic_target(path / _INDEX)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f, indent=1, sort_keys=True)
-    os.replace(tmp, path / _INDEX)
+    write_bytes(path / _INDEX, json.dumps(index, indent=1, sort_keys=True).encode(), overwrite=overwrite)
     return path / _INDEX
 
 

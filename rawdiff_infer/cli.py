@@ -228,7 +228,7 @@ def _load_backend(backend: str, ckpt: str | None, device: str, dtype: str, batch
                         max_batch_size=batch_size if cuda_graph else None, compile=compile_, cuda_graph=cuda_graph)
 
 
-def _write_outputs(job: Job, rec, srgb, camera, encoded_only: bool, software: str) -> None:
+def _write_outputs(job: Job, rec, srgb, camera, encoded_only: bool, software: str, overwrite: bool) -> None:
     """Write every output of ``job``; an OSError names the output file that failed."""
     from .io import write_dng, write_npy, write_tiff
 
@@ -237,11 +237,11 @@ def _write_outputs(job: Job, rec, srgb, camera, encoded_only: bool, software: st
         try:
             if fmt == "dng":
                 write_dng(path, linear, camera=camera, preview_srgb=srgb, software=software,
-                          description=f"rawdiff reconstruction of {job.source.name}")
+                          description=f"rawdiff reconstruction of {job.source.name}", overwrite=overwrite)
             elif fmt == "tiff":
-                write_tiff(path, rec.encoded if encoded_only else linear, software=software)
+                write_tiff(path, rec.encoded if encoded_only else linear, software=software, overwrite=overwrite)
             else:
-                write_npy(path, rec.encoded if encoded_only else linear)
+                write_npy(path, rec.encoded if encoded_only else linear, overwrite=overwrite)
         except OSError as e:
             raise _WriteError(f"{path}: cannot write: {_os_problem(e, path.parent)}") from None
 
@@ -507,7 +507,8 @@ def _run(inputs, output, formats, encoded, model_path, backend_kind, method, ste
                     result = rec.reconstruct(img.pixels, seed=seed, progress=progress)
                 finally:
                     bar.close()
-                _write_outputs(job, result, img.pixels, be.meta.camera, encoded, software=f"rawdiff {__version__}")
+                _write_outputs(job, result, img.pixels, be.meta.camera, encoded, software=f"rawdiff {__version__}",
+                               overwrite=force)
                 done += 1
                 if not quiet:
                     outs = ", ".join(str(p) for p in job.outputs.values())

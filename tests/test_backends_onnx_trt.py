@@ -322,7 +322,7 @@ def test_trt_backend_cuda_graph_equals_eager(engine) -> None:
     _, res = engine
     x, c, t = (v.cuda() for v in _batch(5, seed=7))
     with TensorRTBackend(res.engine_path) as eager, TensorRTBackend(res.engine_path, cuda_graph=True) as graphed:
-        assert graphed.fixed_batch_size == 16
+        assert graphed.cuda_graph and graphed.max_batch_size == 16
         a = eager(x, c, t)
         b1 = graphed(x, c, t)
         b2 = graphed(*(v.cuda() for v in _batch(9, seed=8)))

@@ -776,7 +776,7 @@ def test_atomic_write_success_and_permissions(tmp_path):
     target.write_bytes(b"old")
     old_umask = os.umask(0o022)
     try:
-        with atomic_write(target) as f:
+        with atomic_write(target, overwrite=True) as f:
             f.write(b"new")
     finally:
         os.umask(old_umask)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 
 from rawdiff_infer.camera import Camera
+from rawdiff_infer.fsio import atomic_write
 from rawdiff_infer.rawspace import RawEncoding
 
 from . import fivek
@@ -146,14 +146,9 @@ class PairCache:
                            * 65535.0).astype(np.uint16)
         srgb = np.ascontiguousarray(srgb, dtype=np.uint8)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, srgb=srgb, raw=raw_enc, meta=np.array(json.dumps(meta, default=str)))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # content-addressed: a concurrent writer of the same entry writes the same bytes, so replacing is fine
+        with atomic_write(target, overwrite=True) as f:
+            np.savez(f, srgb=srgb, raw=raw_enc, meta=np.array(json.dumps(meta, default=str)))
         return srgb, raw_enc, meta
 
     def clear(self) -> None:

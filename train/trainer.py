@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
+from rawdiff_infer.fsio import atomic_path, write_bytes
 from rawdiff_infer.model import UNet, UNetConfig
 from rawdiff_infer.schedule import Schedule
 
@@ -206,7 +207,7 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         prov = {**self.meta.provenance, "train_steps": self.step, "train_config": asdict(self.cfg),
                 "weights": "ema", "ema_decay": self.cfg.ema_decay}
-        save_checkpoint(self.ema, d / "model.safetensors", meta=self.meta, **prov)
+        save_checkpoint(self.ema, d / "model.safetensors", meta=self.meta, overwrite=True, **prov)
         tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().cpu().contiguous()
                                             for k, v in self.model.state_dict().items()}
         opt_state = self.opt.state_dict()
@@ -219,13 +220,10 @@ class Trainer:
                     scalars["opt_scalars"][f"{pid}.{k}"] = float(v)
         tensors["generator_state"] = self.generator.get_state()
         tensors["noise_generator_state"] = self.noise_gen.get_state()
-        tmp = d / ".train_state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, d / "train_state.safetensors")
-        tmpj = d / ".train_state.json.tmp"
-        tmpj.write_text(json.dumps(scalars, indent=1))
-        os.replace(tmpj, d / "train_state.json")
-        (self.out / "latest").write_text(d.name + "\n")
+        with atomic_path(d / "train_state.safetensors", overwrite=True) as tmp:  # the run folder is the run's own
+            save_file(tensors, str(tmp))
+        write_bytes(d / "train_state.json", json.dumps(scalars, indent=1).encode(), overwrite=True)
+        write_bytes(self.out / "latest", (d.name + "\n").encode(), overwrite=True)
         return d
 
     def init_from(self, ckpt: str | os.PathLike) -> dict[str, Any]:

@@ -15,7 +15,12 @@ import torch
 
 from ..checkpoint import ModelMeta
 
-__all__ = ["Backend", "BackendError"]
+__all__ = ["Backend", "BackendError", "INPUT_NAMES", "OUTPUT_NAME"]
+
+#: the eps-model's graph interface, the same in the torch module, the ONNX graph and the TensorRT engine:
+#: inputs x_t [N, 3, P, P], cond [N, 3, P, P], t [N] (float32); output eps [N, 3, P, P] (float32)
+INPUT_NAMES: tuple[str, str, str] = ("x_t", "cond", "t")
+OUTPUT_NAME = "eps"
 
 
 class BackendError(RuntimeError):
@@ -30,8 +35,9 @@ class Backend(ABC):
         meta: the model's description (schedule, camera, encoding, U-Net config).
         device: torch device where ``infer`` wants its inputs (and returns its output).
         input_dtype: dtype in which inputs are cheapest to hand over (cond patches are cached in it).
+        patch_size: P, the patch side in pixels that ``infer`` takes (an ONNX graph or engine fixes it; the torch
+            module takes any multiple of 8, and reports the model's training patch).
         max_batch_size: the largest batch ``infer`` accepts (None: unlimited).
-        fixed_batch_size: if set, batches are padded to this size internally (CUDA graphs, static engines).
         capturable: True when ``infer`` only launches device work on the current stream (no host synchronisation,
             no host-side buffers), so that a caller may record it inside its own CUDA graph (see
             ``tiling.GraphedDenoiser``, which records a whole sampler step).
@@ -40,11 +46,14 @@ class Backend(ABC):
     name: ClassVar[str] = "base"
 
     def __init__(self, meta: ModelMeta, device: torch.device, input_dtype: torch.dtype = torch.float32,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, patch_size: int | None = None) -> None:
         self.meta = meta
         self.device = device
         self.input_dtype = input_dtype
         self.max_batch_size = max_batch_size
+        self.patch_size = int(patch_size or meta.model.patch_size)
+        #: True when the patch size is fixed by the model file (ONNX, TensorRT); False: any multiple of 8
+        self.fixed_patch_size = patch_size is not None
 
     @abstractmethod
     def infer(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -69,8 +78,16 @@ class Backend(ABC):
         return nullcontext()
 
     def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.max_batch_size is not None and x_t.shape[0] > self.max_batch_size:
-            raise BackendError(f"batch of {x_t.shape[0]} exceeds the backend's maximum {self.max_batch_size}")
+        """``infer`` after checking the batch: x_t and cond [N, 3, P, P] with N in 1..max_batch_size, t [N]
+        (P = ``patch_size`` when the model file fixes it, else any square side)."""
+        n = x_t.shape[0] if x_t.dim() == 4 else 0
+        p = self.patch_size if self.fixed_patch_size else (x_t.shape[-1] if x_t.dim() == 4 else 0)
+        if (x_t.dim() != 4 or tuple(x_t.shape[1:]) != (3, p, p) or tuple(cond.shape) != tuple(x_t.shape)
+                or tuple(t.shape) != (n,) or n < 1):
+            raise BackendError(f"expected x_t, cond [N, 3, {p}, {p}] and t [N] with N >= 1; got "
+                               f"{tuple(x_t.shape)}, {tuple(cond.shape)}, {tuple(t.shape)}")
+        if self.max_batch_size is not None and n > self.max_batch_size:
+            raise BackendError(f"batch of {n} exceeds the backend's maximum {self.max_batch_size}")
         return self.infer(x_t, cond, t)
 
     def close(self) -> None:

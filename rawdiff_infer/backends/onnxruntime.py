@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import ModelMeta
+from .base import INPUT_NAMES as INPUTS
+from .base import OUTPUT_NAME as OUTPUT
 from .base import Backend, BackendError
 
 __all__ = ["PROVIDER_ALIASES", "OnnxRuntimeBackend"]
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("x_t", "cond", "t")
-OUTPUT = "eps"
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
 _GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "NvTensorRTRTXExecutionProvider")
@@ -108,7 +108,17 @@ class OnnxRuntimeBackend(Backend):
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         props = dict(self.session.get_modelmeta().custom_metadata_map)
-        super().__init__(_meta_from_props(self.path, props), dev, torch.float32, max_batch_size)
+        meta = _meta_from_props(self.path, props)
+        shape = self.session.get_inputs()[0].shape
+        graph_patch = shape[-1] if isinstance(shape[-1], int) else None
+        try:
+            patch = int(props.get("rawdiff.patch_size", graph_patch or meta.model.patch_size))
+        except ValueError:
+            raise BackendError(f"{self.path}: invalid rawdiff.patch_size in the ONNX metadata") from None
+        if graph_patch is not None and graph_patch != patch:
+            raise BackendError(f"{self.path}: the graph takes {graph_patch}-pixel patches but its metadata says "
+                               f"{patch}")
+        super().__init__(meta, dev, torch.float32, max_batch_size, patch_size=patch)
         self.precision = props.get("rawdiff.precision", "fp32")
         used = self.session.get_providers()
         if dev.type == "cuda" and not any(n in used for n in _GPU_PROVIDERS):
@@ -121,8 +131,6 @@ class OnnxRuntimeBackend(Backend):
         for n, i in ins.items():
             if i.type != "tensor(float)":
                 raise BackendError(f"{self.path}: input {n} is {i.type}, expected tensor(float)")
-        shape = ins["x_t"].shape
-        self.patch_size = int(props.get("rawdiff.patch_size", shape[-1] if isinstance(shape[-1], int) else 0))
         self._io = self.session.io_binding() if dev.type == "cuda" else None
 
     @classmethod
@@ -131,16 +139,8 @@ class OnnxRuntimeBackend(Backend):
         """Open a rawdiff ONNX file (its description is read from the file)."""
         return cls(path, device=device, providers=providers, max_batch_size=max_batch_size)
 
-    def _check(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> int:
-        n = x_t.shape[0]
-        p = self.patch_size
-        if tuple(x_t.shape[1:]) != (3, p, p) or tuple(cond.shape) != tuple(x_t.shape) or tuple(t.shape) != (n,):
-            raise BackendError(f"expected x_t, cond [N, 3, {p}, {p}] and t [N]; got {tuple(x_t.shape)}, "
-                               f"{tuple(cond.shape)}, {tuple(t.shape)}")
-        return n
-
     def infer(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        n = self._check(x_t, cond, t)
+        n = x_t.shape[0]
         if self.session is None:
             raise BackendError("backend is closed")
         if self._io is not None:

@@ -39,6 +39,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..checkpoint import ModelMeta
+from .base import INPUT_NAMES as INPUTS
+from .base import OUTPUT_NAME as OUTPUT
 from .base import Backend, BackendError
 
 __all__ = ["INSTALL_HINT", "SIDECAR_FORMAT", "GpuInfo", "RuntimeEnv", "TensorRT", "TensorRTBackend",
@@ -294,8 +296,6 @@ def check_engine_compat(sidecar: dict[str, Any], env: RuntimeEnv) -> tuple[list[
 
 # ---- the backend ----
 
-INPUTS = ("x_t", "cond", "t")
-OUTPUT = "eps"
 
 
 def _torch_dtype(m: Any, dt: Any) -> torch.dtype:
@@ -366,12 +366,10 @@ class TensorRTBackend(Backend):
                 raise BackendError(f"{path.name}: rebuilt, but {errors[0]}")
         self.engine_path, self.sidecar = path, sidecar
         prof = sidecar["profile"]
-        self.patch_size = int(prof["patch_size"])
         self.min_batch, self.profile_max = int(prof["min_batch"]), int(prof["max_batch"])
         cap = min(max_batch_size or self.profile_max, self.profile_max)
-        super().__init__(meta, dev, torch.float32, cap)
+        super().__init__(meta, dev, torch.float32, cap, patch_size=int(prof["patch_size"]))
         self.cuda_graph = cuda_graph
-        self.fixed_batch_size = cap if cuda_graph else None
 
         m = trt.module
         self._logger = make_logger(trt)
@@ -399,7 +397,9 @@ class TensorRTBackend(Backend):
 
     # -- construction helpers ---------------------------------------------------------------------------------
     def _rebuild(self, path: Path, sidecar: dict[str, Any], why: str) -> tuple[Path, dict[str, Any]]:
-        from rawdiff_export.trt_build import BuildOptions, build_engine, default_engine_path, sha256_file
+        from rawdiff_export.trt_build import BuildOptions, build_engine, default_engine_path
+
+        from ..fsio import sha256_file
 
         onnx_path = Path(sidecar.get("onnx", {}).get("path", ""))
         if not onnx_path.is_file():
@@ -416,7 +416,7 @@ class TensorRTBackend(Backend):
         options = BuildOptions(min_batch=prof["min_batch"], opt_batch=prof["opt_batch"], max_batch=prof["max_batch"],
                                **keep)
         try:
-            res = build_engine(onnx_path, path.parent / target.name, options=options, trt=self.trt)
+            res = build_engine(onnx_path, path.parent / target.name, options=options, trt=self.trt, overwrite=True)
         except Exception as e:  # noqa: BLE001 - ExportError, TensorRT errors
             raise BackendError(f"{path.name}: rebuild failed: {e}") from None
         return res.engine_path, res.sidecar
@@ -476,12 +476,7 @@ class TensorRTBackend(Backend):
         if self._context is None:
             raise BackendError("backend is closed")
         n, p = x_t.shape[0], self.patch_size
-        if tuple(x_t.shape[1:]) != (3, p, p) or tuple(cond.shape) != tuple(x_t.shape) or tuple(t.shape) != (n,):
-            raise BackendError(f"expected x_t, cond [N, 3, {p}, {p}] and t [N]; got {tuple(x_t.shape)}, "
-                               f"{tuple(cond.shape)}, {tuple(t.shape)}")
         assert self.max_batch_size is not None
-        if not 1 <= n <= self.max_batch_size:
-            raise BackendError(f"batch of {n} outside the engine's range 1..{self.max_batch_size}")
         run_n = self.max_batch_size if self.cuda_graph else max(n, self.min_batch)
         dev, buf = self.device, self._buffers
         caller = torch.cuda.current_stream(dev)
@@ -523,7 +518,7 @@ class TensorRTBackend(Backend):
         tgt = self.sidecar.get("target", {})
         return (f"{self.name} {self.engine_path.name} ({self.trt.describe()}, built for {tgt.get('gpu')}, "
                 f"{self.sidecar['onnx'].get('precision')}) on {self.device}"
-                + (f" cuda-graph batch {self.fixed_batch_size}" if self.cuda_graph else ""))
+                + (f" cuda-graph batch {self.max_batch_size}" if self.cuda_graph else ""))
 
 
 def _diagnostics(m: Any, diag: int) -> str:

@@ -10,13 +10,15 @@ Output: the RAW convention of DESIGN.md. ``linear`` is float32 H x W x 3 in [0, 
 black-subtracted, white-balanced, divided by (white - black). ``write_dng`` stores its Bayer mosaic
 ``round(black + linear * (white - black))`` as uint16 with the camera's colour matrix and AsShotNeutral =
 (1, 1, 1) (the data is already white-balanced), so LibRaw / darktable / Lightroom render it. Every writer goes
-through :func:`atomic_write`: a temporary file in the target's directory, fsync, ``os.replace``; a failure
-leaves neither a partial file nor a damaged previous one.
+through :func:`rawdiff_infer.fsio.atomic_write`: a temporary file in the target's directory, fsync, then a
+rename that refuses to replace a file existing at that moment (unless ``overwrite=True``); a failure leaves
+neither a partial file nor a damaged previous one.
 """
 
 from ..bayer import demosaic_bilinear, mosaic
 from .decode import RAW_SUFFIXES, SUPPORTED_INPUT_SUFFIXES, DecodedImage, ImageError, is_supported_image, read_image
-from .writers import atomic_write, render_srgb_preview, write_dng, write_npy, write_tiff
+from ..fsio import atomic_write
+from .writers import render_srgb_preview, write_dng, write_npy, write_tiff
 
 __all__ = [
     "ImageError",

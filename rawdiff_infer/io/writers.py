@@ -1,15 +1,14 @@
-"""RAW output: atomic DNG / 16-bit TIFF / ``.npy`` writers (see the package docstring)."""
+"""RAW output: DNG / 16-bit TIFF / ``.npy`` writers (see the package docstring).
+
+Every writer goes through ``fsio.atomic_write``: never a partial file, and an existing file (one that appeared
+while the data were computed included) is replaced only with ``overwrite=True``; otherwise
+``fsio.OutputExistsError`` is raised and the existing file is untouched."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 import tifffile
@@ -17,8 +16,9 @@ from PIL import Image
 
 from ..bayer import mosaic, pattern_indices
 from ..camera import SRGB_TO_XYZ, Camera
+from ..fsio import atomic_write
 
-__all__ = ["atomic_write", "write_dng", "write_tiff", "write_npy", "render_srgb_preview"]
+__all__ = ["write_dng", "write_tiff", "write_npy", "render_srgb_preview"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,57 +28,6 @@ _PHOTOMETRIC_CFA = 32803
 
 #: LibRaw (like dcraw) refuses RAW images narrower or lower than this (checked with rawpy 0.28).
 _LIBRAW_MIN_SIDE = 22
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
-    """Write a file all-or-nothing: yields a binary file object on a temporary file in ``path``'s directory.
-
-    On a clean exit the data are flushed and fsync'ed, the temporary file is renamed over ``path``
-    (``os.replace``, atomic on POSIX and Windows), and the directory is fsync'ed where the OS allows. On any
-    exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is untouched. The new
-    file gets the usual permissions (0o666 minus the umask).
-
-    Raises:
-        IsADirectoryError: ``path`` is a directory.
-        OSError: the directory does not exist or cannot be written, the disk is full, ...
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory", str(target))
-    directory = target.parent
-    while True:
-        tmp = directory / f".{target.name[:200]}.{secrets.token_hex(6)}.tmp"
-        try:
-            f = open(tmp, "x+b")  # noqa: SIM115 - closed below; O_CREAT|O_EXCL, 0o666 minus umask
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, target)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems / platforms refuse fsync on directories
-    finally:
-        os.close(fd)
 
 
 def _check_rgb_float(a: np.ndarray, what: str, *, min_size: int = 1) -> np.ndarray:
@@ -162,7 +111,7 @@ def _preview_from_srgb(srgb: np.ndarray, shape: tuple[int, int], max_side: int) 
 
 def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation: int = 1,
               preview_srgb: np.ndarray | None = None, software: str = "rawdiff",
-              description: str | None = None, preview_max_side: int = 256) -> np.ndarray:
+              description: str | None = None, preview_max_side: int = 256, overwrite: bool = False) -> np.ndarray:
     """Write linear camera RGB as a Bayer DNG (DNG 1.4, uncompressed 16-bit CFA) that raw converters read.
 
     Layout (Adobe DNG Converter's, the one DNG recommends): IFD0 is an 8-bit sRGB preview
@@ -173,7 +122,7 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
     WhiteLevel.
 
     Args:
-        path: output file (conventionally ``.dng``); replaced atomically.
+        path: output file (conventionally ``.dng``), written atomically.
         linear: H x W x 3 float, white-balanced camera RGB in [0, 1] (values outside are clipped; NaN / inf
             raise ValueError). H, W >= 2; LibRaw opens only H, W >= 22 (a warning is logged below that).
         camera: colour matrix, black / white levels and CFA pattern of the camera the RAW imitates.
@@ -182,6 +131,8 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
             e.g. the input photo, for the embedded preview; by default one is rendered from ``linear``.
         software, description: Software and ImageDescription tags (non-ASCII characters are escaped).
         preview_max_side: long side of the preview in pixels (>= 1).
+        overwrite: replace an existing ``path``; otherwise ``OutputExistsError`` if it exists when the file is
+            complete.
 
     Returns:
         The uint16 H x W mosaic written: ``round(black + clip(linear, 0, 1) * (white - black))`` sampled
@@ -230,7 +181,7 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
         (50714, dt.LONG, 1, (black,), True),                # BlackLevel
         (50717, dt.LONG, 1, (white,), True),                # WhiteLevel
     ]
-    with atomic_write(path) as f, tifffile.TiffWriter(f) as tw:
+    with atomic_write(path, overwrite=overwrite) as f, tifffile.TiffWriter(f) as tw:
         tw.write(preview, photometric="rgb", subfiletype=1, subifds=1, software=_ascii(software),
                  description=_ascii(description), metadata=None, extratags=ifd0_tags)
         tw.write(raw, photometric=_PHOTOMETRIC_CFA, subfiletype=0, software=False, metadata=None,
@@ -241,11 +192,12 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
 
 
 def write_tiff(path: PathLike, image: np.ndarray, *, software: str = "rawdiff", description: str | None = None,
-               compression: Literal["deflate", "none"] = "deflate") -> np.ndarray:
+               compression: Literal["deflate", "none"] = "deflate", overwrite: bool = False) -> np.ndarray:
     """Write an H x W x 3 float image in [0, 1] (linear or encoded RAW, or sRGB) as a 16-bit RGB TIFF.
 
     Stored values: ``uint16 = round(clip(v, 0, 1) * 65535)``, chunky RGB, Adobe Deflate (zlib) compressed
-    by default (``compression="none"`` for uncompressed). No colour profile is attached. Replaced atomically.
+    by default (``compression="none"`` for uncompressed). No colour profile is attached. Written atomically;
+    an existing file is replaced only with ``overwrite=True``.
 
     Returns:
         The uint16 H x W x 3 array written.
@@ -257,7 +209,7 @@ def write_tiff(path: PathLike, image: np.ndarray, *, software: str = "rawdiff", 
     if compression not in ("deflate", "none"):
         raise ValueError(f"compression must be 'deflate' or 'none', got {compression!r}")
     data = np.rint(np.clip(a, 0.0, 1.0) * 65535.0).astype(np.uint16)
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         tifffile.imwrite(f, data, photometric="rgb", metadata=None, software=_ascii(software),
                          description=_ascii(description) if description is not None else None,
                          compression="zlib" if compression == "deflate" else None)
@@ -265,8 +217,9 @@ def write_tiff(path: PathLike, image: np.ndarray, *, software: str = "rawdiff", 
     return data
 
 
-def write_npy(path: PathLike, array: np.ndarray) -> np.ndarray:
-    """Save an H x W x 3 float array as float32 ``.npy`` (values as they are, not clipped), atomically.
+def write_npy(path: PathLike, array: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    """Save an H x W x 3 float array as float32 ``.npy`` (values as they are, not clipped), atomically (an
+    existing file is replaced only with ``overwrite=True``).
 
     Returns:
         The float32 C-contiguous array written.
@@ -275,7 +228,7 @@ def write_npy(path: PathLike, array: np.ndarray) -> np.ndarray:
         ValueError: wrong shape / dtype, NaN or inf.
     """
     a = _check_rgb_float(array, "array")
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         np.save(f, a, allow_pickle=False)
     logger.info("wrote %s: %dx%d float32 array", os.fspath(path), a.shape[1], a.shape[0])
     return a
