@@ -7,11 +7,22 @@ A checkpoint is either
 
 The description (``ModelMeta``) records the U-Net config, the noise schedule, the RAW encoding, the camera, free-form
 provenance (training data, steps, date, ...) and the format / package versions.
+
+Loading trusts nothing in the files, and checks everything before it allocates or computes:
+
+1. every path is a regular file (a FIFO would block ``open`` for ever), shard names are plain file names;
+2. the description is parsed with a depth and size limit and validated field by field (types, ranges,
+   finiteness: see ``validate``), so a bad gamma, matrix, illuminant or architecture is refused with the field's
+   name, never found later at write time;
+3. the declared U-Net's size is computed without allocating it (at most ``MAX_PARAMETERS``), and its tensor names
+   and shapes are compared with the shapes the safetensors headers declare, before any weight is read;
+4. the weights must be floating point and finite.
+
+Every failure is a ``CheckpointError`` whose one-line message starts with the file's name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,15 +34,24 @@ from torch import nn
 
 from . import __version__
 from .camera import DEFAULT_CAMERA, Camera
-from .fsio import atomic_path, write_bytes
+from .fsio import NotRegularFileError, atomic_path, check_regular, open_regular, sha256_file, write_bytes
+from .messages import first_line, show_path
 from .model import UNet, UNetConfig
 from .rawspace import RawEncoding
 from .schedule import ScheduleConfig
+from .validate import SchemaError, choice, obj
 
-__all__ = ["ModelMeta", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta", "FORMAT"]
+__all__ = ["ModelMeta", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta", "parse_description",
+           "file_sha256", "FORMAT", "MAX_PARAMETERS"]
 
 FORMAT = "rawdiff-checkpoint/1"
+ARCHITECTURE = "rawdiff.UNet"
 _INDEX = "rawdiff.json"
+#: the largest U-Net a description may declare (the paper's has 10.9 M parameters)
+MAX_PARAMETERS = 500_000_000
+#: largest description (rawdiff.json or a safetensors header) read, in bytes
+_MAX_DESCRIPTION_BYTES = 16 << 20
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class CheckpointError(Exception):
@@ -49,23 +69,50 @@ class ModelMeta:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "rawdiff_version": __version__, "architecture": "rawdiff.UNet",
+        return {"format": FORMAT, "rawdiff_version": __version__, "architecture": ARCHITECTURE,
                 "model": self.model.to_dict(), "schedule": self.schedule.to_dict(),
                 "encoding": self.encoding.to_dict(), "camera": self.camera.to_dict(),
                 "provenance": self.provenance}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelMeta":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"unsupported checkpoint format {d.get('format')!r} (expected {FORMAT})")
-        if d.get("architecture") != "rawdiff.UNet":
-            raise ValueError(f"architecture {d.get('architecture')!r} is not rawdiff.UNet")
+    def from_dict(cls, d: Any) -> "ModelMeta":
+        """Validate a description (a parsed JSON object). Raises SchemaError (a ValueError) naming the field."""
+        d = obj(d, "description")
+        choice(d.get("format"), "format", (FORMAT,))
+        choice(d.get("architecture"), "architecture", (ARCHITECTURE,))
+        for key in ("model", "schedule", "encoding", "camera"):
+            if key not in d:
+                raise SchemaError(f"{key}: missing")
         return cls(model=UNetConfig.from_dict(d["model"]), schedule=ScheduleConfig.from_dict(d["schedule"]),
                    encoding=RawEncoding.from_dict(d["encoding"]), camera=Camera.from_dict(d["camera"]),
-                   provenance=dict(d.get("provenance", {})))
+                   provenance=obj(d.get("provenance", {}), "provenance"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def parse_description(text: str | bytes, where: str) -> tuple[ModelMeta, dict[str, Any]]:
+    """Parse and validate a JSON description (of a checkpoint, an ONNX file, an engine sidecar, ...).
+
+    Args:
+        text: the JSON text (at most 16 MiB).
+        where: what to name in the error (usually the file, shown with ``messages.show_path``).
+    Returns (ModelMeta, the parsed JSON object). Raises CheckpointError: ``"<where>: <problem>"``.
+    """
+    if len(text) > _MAX_DESCRIPTION_BYTES:
+        raise CheckpointError(f"{where}: description larger than {_MAX_DESCRIPTION_BYTES >> 20} MiB")
+    try:
+        d = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{where}: invalid description (JSON nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: invalid JSON ({first_line(e)})") from None
+    try:
+        return ModelMeta.from_dict(d), d
+    except SchemaError as e:
+        raise CheckpointError(f"{where}: invalid rawdiff description: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: invalid description (nested too deeply)") from None
 
 
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -128,109 +175,175 @@ def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | N
     return path / _INDEX
 
 
-def _sniff(path: Path) -> None:
-    """Refuse pickles / zip archives / non-safetensors data before any parser touches them."""
-    with open(path, "rb") as f:
+def _sniff(path: Path) -> int:
+    """Refuse pickles / zip archives / non-safetensors data before any parser touches them; returns the header
+    length."""
+    with open_regular(path) as f:
         head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
     if len(head) < 8:
-        raise CheckpointError(f"{path}: file is empty or truncated (not a safetensors checkpoint)")
+        raise CheckpointError(f"{show_path(path)}: file is empty or truncated (not a safetensors checkpoint)")
     n = int.from_bytes(head[:8], "little")
     if not (0 < n <= 100_000_000 and head[8:9] == b"{"):  # not a safetensors header: say what it is
         if head[:2] == b"PK":
-            raise CheckpointError(f"{path}: a zip / PyTorch .pt archive; rawdiff loads only safetensors "
+            raise CheckpointError(f"{show_path(path)}: a zip / PyTorch .pt archive; rawdiff loads only safetensors "
                                   "(pickles are never unpickled)")
         if head[:1] == b"\x80":
-            raise CheckpointError(f"{path}: a Python pickle; rawdiff loads only safetensors "
+            raise CheckpointError(f"{show_path(path)}: a Python pickle; rawdiff loads only safetensors "
                                   "(pickles are never unpickled)")
-        raise CheckpointError(f"{path}: not a safetensors file")
-    if os.path.getsize(path) < 8 + n:
-        raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes)")
+        raise CheckpointError(f"{show_path(path)}: not a safetensors file")
+    if size < 8 + n:
+        raise CheckpointError(f"{show_path(path)}: truncated safetensors file (header says {n} bytes)")
+    return n
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import SafetensorError, safe_open
-
-    _sniff(path)
+def _header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """A safetensors file's tensor table {name: (dtype, shape)} and metadata, from its header alone."""
+    n = _sniff(path)
+    with open_regular(path) as f:
+        f.seek(8)
+        raw = f.read(n)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{show_path(path)}: unreadable safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{show_path(path)}: unreadable safetensors header (not an object)")
+    meta = header.pop("__metadata__", None) or {}
+    table: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, info in header.items():
+        try:
+            table[name] = (str(info["dtype"]), tuple(int(v) for v in info["shape"]))
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{show_path(path)}: unreadable safetensors header (tensor {name!r})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{show_path(path)}: unreadable safetensors metadata")
+    return table, meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    with open_regular(path) as f:
+        data = f.read()
+    try:
+        return load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable safetensors file ({msg})") from None
-    return tensors, header
+        raise CheckpointError(f"{show_path(path)}: unreadable safetensors file ({first_line(e)})") from None
 
 
 def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
-    if p.is_dir():
-        p = p / _INDEX
-    if not p.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        if p.is_dir():
+            p = p / _INDEX
+        check_regular(p)
+    except FileNotFoundError:
+        raise CheckpointError(f"{show_path(path)}: no such checkpoint") from None
+    except NotRegularFileError as e:
+        raise CheckpointError(f"{show_path(p)}: {e.strerror}") from None
+    except OSError as e:
+        raise CheckpointError(f"{show_path(path)}: cannot open ({e.strerror or first_line(e)})") from None
     return p
 
 
+def _shard_files(index_path: Path, index: dict[str, Any]) -> list[Path]:
+    names = index.get("shards")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{show_path(index_path)}: \"shards\" must be a non-empty list of file names")
+    files = []
+    for name in names:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name or name.startswith("."):
+            raise CheckpointError(f"{show_path(index_path)}: shard {show_path(name)} is not a plain file name in "
+                                  "the checkpoint's folder")
+        shard = index_path.parent / name
+        try:
+            check_regular(shard)
+        except FileNotFoundError:
+            raise CheckpointError(f"{show_path(shard)}: shard listed in {index_path.name} is missing") from None
+        except OSError as e:
+            raise CheckpointError(f"{show_path(shard)}: {e.strerror or first_line(e)}") from None
+        files.append(shard)
+    if len(set(files)) != len(files):
+        raise CheckpointError(f"{show_path(index_path)}: a shard is listed twice")
+    return files
+
+
+def _description(p: Path) -> tuple[ModelMeta, list[Path]]:
+    """The validated description and the weight files of a resolved checkpoint path."""
+    if p.suffix == ".json":
+        with open_regular(p) as f:
+            text = f.read(_MAX_DESCRIPTION_BYTES + 1)
+        meta, index = parse_description(text, show_path(p))
+        return meta, _shard_files(p, index)
+    _, header = _header(p)
+    if "rawdiff" not in header:
+        raise CheckpointError(f"{show_path(p)}: safetensors file without a rawdiff description "
+                              "(not a rawdiff checkpoint, or another architecture)")
+    meta, _ = parse_description(header["rawdiff"], show_path(p))
+    return meta, [p]
+
+
 def read_meta(path: str | os.PathLike) -> ModelMeta:
-    """The description of a checkpoint, without loading its weights."""
-    return _load(path, weights=False)[1]
+    """The validated description of a checkpoint, without reading its weights. Raises CheckpointError."""
+    return _description(_resolve(path))[0]
 
 
-def _load(path: str | os.PathLike, weights: bool = True) -> tuple[dict[str, torch.Tensor], ModelMeta]:
-    p = _resolve(path)
-    try:
-        if p.suffix == ".json":
-            try:
-                index = json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{p}: invalid JSON ({e})") from None
-            meta = ModelMeta.from_dict(index)
-            sd: dict[str, torch.Tensor] = {}
-            if weights:
-                for name in index.get("shards", []):
-                    shard = p.parent / name
-                    if not shard.exists():
-                        raise CheckpointError(f"{shard}: shard listed in {p.name} is missing")
-                    sd.update(_read_file(shard)[0])
-            return sd, meta
-        if weights:
-            sd, header = _read_file(p)
-        else:
-            _sniff(p)
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                header = f.metadata()
-            sd = {}
-        if not header or "rawdiff" not in header:
-            raise CheckpointError(f"{p}: safetensors file without a rawdiff description "
-                                  "(not a rawdiff checkpoint, or another architecture)")
-        return sd, ModelMeta.from_dict(json.loads(header["rawdiff"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{p}: invalid rawdiff description ({e})") from None
+def _check_architecture(p: Path, meta: ModelMeta, files: list[Path]) -> dict[str, torch.Size]:
+    """Size of the declared U-Net, and the headers' tensor names / shapes / dtypes against it, before any read."""
+    n_params = meta.model.parameter_count()
+    if n_params > MAX_PARAMETERS:
+        raise CheckpointError(f"{show_path(p)}: declares a U-Net of {n_params / 1e6:.0f} M parameters, more than "
+                              f"rawdiff accepts ({MAX_PARAMETERS / 1e6:.0f} M)")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in UNet(meta.model).state_dict().items()}
+    found: dict[str, tuple[str, tuple[int, ...], Path]] = {}
+    for f in files:
+        table, _ = _header(f)
+        for name, (dtype, shape) in table.items():
+            if name in found:
+                raise CheckpointError(f"{show_path(f)}: tensor {name} is also in {found[name][2].name}")
+            found[name] = (dtype, shape, f)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{show_path(p)}: weights do not match the rawdiff U-Net described in it "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                              f"{(missing + unexpected)[0]})")
+    for name, (dtype, shape, f) in found.items():
+        if dtype not in ("F16", "BF16", "F32", "F64"):
+            raise CheckpointError(f"{show_path(f)}: tensor {name} is {dtype}; rawdiff weights are floating point")
+        if tuple(shape) != tuple(expected[name]):
+            raise CheckpointError(f"{show_path(f)}: tensor {name} has shape {tuple(shape)}, the architecture needs "
+                                  f"{tuple(expected[name])}")
+    return expected
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[UNet, ModelMeta]:
-    """Load a checkpoint written by ``save_checkpoint``.
+    """Load a checkpoint written by ``save_checkpoint`` (see the module docstring for what is checked).
 
     Returns (model in eval mode on ``device``, meta). ``dtype`` casts the floating weights (default: as stored,
     promoted to fp32 when stored in fp16/bf16 so that CPU inference works).
-    Raises CheckpointError (one clear line) for pickles, truncated files, non-rawdiff files and weights that do not
-    fit the described architecture.
+    Raises CheckpointError (one line naming the file) for non-regular files, pickles, truncated files, invalid
+    descriptions, oversized architectures, weights that do not fit the described architecture, non-floating or
+    non-finite weights.
     """
-    sd, meta = _load(path)
+    p = _resolve(path)
+    meta, files = _description(p)
+    _check_architecture(p, meta, files)
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors = _read_tensors(f)
+        for name, v in tensors.items():
+            if v.dtype not in _WEIGHT_DTYPES:
+                raise CheckpointError(f"{show_path(f)}: tensor {name} is {v.dtype}; rawdiff weights are floating "
+                                      "point")
+            if not bool(torch.isfinite(v).all()):
+                raise CheckpointError(f"{show_path(f)}: tensor {name} holds NaN or infinite values")
+        sd.update(tensors)
     model = UNet(meta.model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the rawdiff U-Net described in it "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                              f"{(missing + unexpected)[0]})")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the architecture needs "
-                                  f"{tuple(expected[k].shape)}")
     stored = next(iter(sd.values())).dtype if sd else torch.float32
     target = dtype or (torch.float32 if stored in (torch.float16, torch.bfloat16) else stored)
     model.load_state_dict({k: v.to(target) for k, v in sd.items()})
@@ -238,14 +351,17 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (or of the concatenated shards of a sharded checkpoint)."""
+    """Hex sha256 of a checkpoint: the file's bytes, or for a sharded checkpoint the bytes of ``rawdiff.json``
+    followed by each shard's, in order."""
     p = _resolve(path)
-    files = [p]
-    if p.suffix == ".json":
-        files = [p] + [p.parent / n for n in json.loads(p.read_text()).get("shards", [])]
+    if p.suffix != ".json":
+        return sha256_file(p)
+    import hashlib
+
+    _, files = _description(p)
     h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
+    for f in [p, *files]:
+        with open_regular(f) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

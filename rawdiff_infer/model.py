@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .validate import SchemaError, boolean, int_list, integer, known_keys, number, obj
+
 __all__ = ["UNetConfig", "UNet", "timestep_embedding", "count_parameters", "count_flops"]
 
 
@@ -62,19 +64,28 @@ class UNetConfig:
     patch_size: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
-        object.__setattr__(self, "attention_stages", tuple(int(s) for s in self.attention_stages))
-        if not self.channel_mults:
-            raise ValueError("channel_mults must name at least one stage")
-        for s in self.attention_stages:
-            if not 0 <= s < len(self.channel_mults):
-                raise ValueError(f"attention stage {s} out of range for {len(self.channel_mults)} stages")
-        for m in self.channel_mults:
+        for name in ("in_channels", "cond_channels", "out_channels"):
+            integer(getattr(self, name), name, 3, 3)  # the runtime works on RGB canvases
+        integer(self.base_channels, "base_channels", 1, 1024)
+        mults = int_list(self.channel_mults, "channel_mults", 1, 16, min_len=1, max_len=6)
+        object.__setattr__(self, "channel_mults", mults)
+        integer(self.num_res_blocks, "num_res_blocks", 1, 8)
+        stages = int_list(self.attention_stages, "attention_stages", 0, len(mults) - 1, max_len=len(mults),
+                          unique=True)
+        object.__setattr__(self, "attention_stages", stages)
+        integer(self.head_channels, "head_channels", 1, 4096)
+        integer(self.groups, "groups", 1, 1024)
+        integer(self.time_embed_mult, "time_embed_mult", 1, 16)
+        object.__setattr__(self, "dropout", number(self.dropout, "dropout", 0.0, 1.0, hi_open=True))
+        boolean(self.mid_block, "mid_block")
+        integer(self.patch_size, "patch_size", 8, 1024)
+        for m in mults:
             ch = self.base_channels * m
             if ch % self.groups:
-                raise ValueError(f"stage channels {ch} not divisible by groups={self.groups}")
-        if self.patch_size % (2 ** (len(self.channel_mults) - 1)):
-            raise ValueError("patch_size must be divisible by 2**(stages-1)")
+                raise SchemaError(f"groups: stage width {ch} is not divisible by groups={self.groups}")
+        if self.patch_size % (2 ** (len(mults) - 1)):
+            raise SchemaError(f"patch_size: {self.patch_size} is not divisible by 2**(stages-1) = "
+                              f"{2 ** (len(mults) - 1)}")
 
     @classmethod
     def tiny(cls) -> "UNetConfig":
@@ -88,12 +99,20 @@ class UNetConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown U-Net config keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: Any) -> "UNetConfig":
+        """From a description's ``model`` object; missing keys take the defaults, unknown keys are refused.
+        Raises SchemaError naming the field."""
+        d = obj(d, "model")
+        known_keys(d, "model", (f.name for f in dataclasses.fields(cls)))
+        try:
+            return cls(**d)
+        except SchemaError as e:
+            raise SchemaError(f"model.{e}") from None
+
+    def parameter_count(self) -> int:
+        """Parameters of the U-Net this config describes, counted without allocating its weights."""
+        with torch.device("meta"):
+            return sum(p.numel() for p in UNet(self).parameters())
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -13,14 +13,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["RawEncoding", "srgb_to_model", "model_to_unit"]
+from .validate import SchemaError, choice, known_keys, number, obj
+
+__all__ = ["RawEncoding", "srgb_to_model", "model_to_unit", "GAMMA_RANGE"]
+
+#: encoding gammas a model may declare: 1 (linear) .. 3 (the paper's 2.2 and sRGB's ~2.4 inside)
+GAMMA_RANGE = (1.0, 3.0)
 
 
 @dataclass(frozen=True)
 class RawEncoding:
-    """Gamma encoding of linear RAW (1/2.2 in the paper's data)."""
+    """Gamma encoding of linear RAW (1/2.2 in the paper's data); gamma within GAMMA_RANGE."""
 
     gamma: float = 2.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gamma", number(self.gamma, "gamma", GAMMA_RANGE[0], GAMMA_RANGE[1]))
 
     def encode(self, linear: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Linear [0, 1] -> encoded [0, 1] (input clipped to [0, 1])."""
@@ -38,10 +46,15 @@ class RawEncoding:
         return {"kind": "gamma", "gamma": self.gamma}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RawEncoding":
-        if d.get("kind", "gamma") != "gamma":
-            raise ValueError(f"unsupported RAW encoding {d.get('kind')!r}")
-        return cls(gamma=float(d.get("gamma", 2.2)))
+    def from_dict(cls, d: Any) -> "RawEncoding":
+        """From a description's ``encoding`` object: kind "gamma" with gamma in GAMMA_RANGE."""
+        d = obj(d, "encoding")
+        known_keys(d, "encoding", ("kind", "gamma"))
+        choice(d.get("kind", "gamma"), "encoding.kind", ("gamma",))
+        try:
+            return cls(gamma=d.get("gamma", 2.2))
+        except SchemaError as e:
+            raise SchemaError(f"encoding.{e}") from None
 
 
 def srgb_to_model(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

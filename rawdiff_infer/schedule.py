@@ -14,7 +14,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS"]
+from .validate import SchemaError, choice, integer, known_keys, number, obj
+
+__all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS", "MAX_TIMESTEPS"]
+
+#: the longest training schedule a description may declare (its tables are T float64 values each)
+MAX_TIMESTEPS = 100_000
 
 Spacing = Literal["linspace", "leading", "trailing", "time-uniform", "logSNR"]
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "time-uniform", "logSNR")
@@ -34,20 +39,28 @@ class ScheduleConfig:
     beta_end: float = 0.0195
 
     def __post_init__(self) -> None:
-        if self.kind not in ("scaled_linear", "linear"):
-            raise ValueError(f"unknown schedule kind {self.kind!r}")
-        if self.num_timesteps < 2:
-            raise ValueError("num_timesteps must be >= 2")
-        if not 0.0 < self.beta_start < self.beta_end < 1.0:
-            raise ValueError("need 0 < beta_start < beta_end < 1")
+        choice(self.kind, "kind", ("scaled_linear", "linear"))
+        integer(self.num_timesteps, "num_timesteps", 2, MAX_TIMESTEPS)
+        object.__setattr__(self, "beta_start", number(self.beta_start, "beta_start", 0.0, 1.0, lo_open=True,
+                                                      hi_open=True))
+        object.__setattr__(self, "beta_end", number(self.beta_end, "beta_end", 0.0, 1.0, lo_open=True,
+                                                    hi_open=True))
+        if not self.beta_start < self.beta_end:
+            raise SchemaError(f"beta_end: must be above beta_start ({self.beta_start:g}), got {self.beta_end:g}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_timesteps": self.num_timesteps,
                 "beta_start": self.beta_start, "beta_end": self.beta_end}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ScheduleConfig":
-        return cls(**d)
+    def from_dict(cls, d: Any) -> "ScheduleConfig":
+        """From a description's ``schedule`` object (missing keys: defaults; unknown keys refused)."""
+        d = obj(d, "schedule")
+        known_keys(d, "schedule", ("kind", "num_timesteps", "beta_start", "beta_end"))
+        try:
+            return cls(**d)
+        except SchemaError as e:
+            raise SchemaError(f"schedule.{e}") from None
 
 
 class Schedule:
