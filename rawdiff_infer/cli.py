@@ -1,169 +1,104 @@
 """rawdiff-infer: the command line over RawReconstructor. Parses, calls the library, maps errors to exit codes.
 
 Phases, so that every problem that can be found before any compute is found before the model is loaded:
-expand the inputs -> plan every output path (collisions, inputs that would be overwritten) -> shard (torchrun)
--> prepare and probe the output folders -> skip / refuse existing outputs -> load the model -> per image: decode,
-reconstruct, write atomically. Errors are one line on stderr, ``rawdiff-infer: <file>: <problem>``.
+options (one frozen ``InferOptions``) -> expand the inputs -> plan every output path (collisions, inputs that would
+be overwritten) -> shard (torchrun) -> prepare and probe the output folders -> skip / refuse existing outputs ->
+load and self-test the model, check the options against it -> run the folder runner (decode, reconstruct, write
+atomically, overlapped). Errors are one line on stderr, ``rawdiff-infer: <file>: <problem>``.
+
+Exit status: 0 all done, 1 some inputs failed, 2 bad command line / model / output location (nothing computed),
+128 + N for signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
 
-import glob
-import logging
 import os
 import re
 import shutil
-import signal
 import sys
-import tempfile
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import click
 
-__all__ = ["cli", "main"]
+from .console import Console
+from .interrupts import Interrupted, exit_code_of, handle_interrupts
+from .messages import first_line, show_path
+from .plan import FORMATS, Job, UsageError, check_outputs, expand_inputs, plan_outputs, prepare_output_dir, shard
+from .samplers import DEFAULT_METHOD, SAMPLERS, SPECS
+from .tiling import GRIDS, WINDOWS
 
-log = logging.getLogger("rawdiff_infer.cli")
+__all__ = ["InferOptions", "cli", "main", "run"]
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-FORMATS = {"dng": ".dng", "tiff": ".tiff", "npy": ".npy"}
-_SUFFIX_FORMAT = {".dng": "dng", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 _PROG = "rawdiff-infer"
+MAX_SEED = 2**64 - 1
+MAX_BATCH = 65536
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class UsageError(Exception):
-    """A problem with the command line as a whole (exit 2)."""
+@dataclass(frozen=True)
+class InferOptions:
+    """Everything rawdiff-infer was asked to do, validated on construction (ValueError -> exit 2)."""
+
+    inputs: tuple[str, ...]
+    output: str | None = None
+    formats: tuple[str, ...] = ()
+    encoded: bool = False
+    ckpt: str | None = None
+    model_file: str | None = None
+    backend: str = "torch"
+    sampler: str = DEFAULT_METHOD
+    steps: int | None = None
+    eta: float | None = None
+    order: int | None = None
+    seed: int = 0
+    patch_size: int | None = None
+    stride: int = 48
+    window: str = "hann"
+    merge: str = "step"
+    grid: str = "overlap"
+    batch_size: int | None = None
+    max_pack: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    cuda_graph: bool = False
+    max_pixels: int | None = None
+    force: bool = False
+    resume: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.force and self.resume:
+            raise ValueError("--force (recompute and overwrite) and --resume (skip finished outputs) contradict "
+                             "each other")
+        if self.ckpt and self.model_file:
+            raise ValueError("give --ckpt (a checkpoint) or --model (an exported file), not both")
+        if not _DEVICE_RE.fullmatch(self.device):
+            raise ValueError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.cuda_graph and self.device == "cpu":
+            raise ValueError("--cuda-graph needs a CUDA device")
+        if self.patch_size is not None and self.patch_size % 8:
+            raise ValueError(f"--patch-size {self.patch_size} is not a multiple of 8")
+        if self.stride > (self.patch_size or 1024):
+            raise ValueError(f"--stride {self.stride} is larger than the patch size {self.patch_size}")
+        from .samplers import check_options
+
+        check_options(self.sampler, steps=self.steps, eta=self.eta, order=self.order)
+        if self.grid == "shifted" and self.merge == "end":
+            raise ValueError("--grid shifted fuses at every step; it does not go with --merge end")
+
+    @classmethod
+    def from_click(cls, params: dict[str, Any]) -> "InferOptions":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in names})
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that temporary files are removed on the way out."""
-
-
-@dataclass
-class Job:
-    source: Path
-    outputs: dict[str, Path]  # format -> path
-
-
-@dataclass
-class Inputs:
-    paths: list[Path] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)    # reported, and make the exit status 1
-    notes: list[str] = field(default_factory=list)     # reported as warnings only
-
-
-@dataclass
-class RunState:
-    """What the run is doing now (for the interrupt message)."""
-
-    current: Path | None = None
-
-
-def _err(msg: str) -> None:
-    click.echo(f"{_PROG}: {msg}", err=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _expand_inputs(items: tuple[str, ...]) -> Inputs:
-    """Files, directories (their supported images, sorted, non-recursive) and globs -> paths and problems.
-
-    Files named explicitly are always attempted (the decoder reports what is wrong with them); in directories and
-    glob matches, hidden files and files that are not JPEG/PNG/TIFF/WebP by suffix (RAW files next to their JPEGs,
-    sidecars, ...) are left out with one summary warning per directory or pattern.
-    """
-    from .io import is_supported_image
-
-    res = Inputs()
-
-    def add_listing(where: str, files: list[Path]) -> None:
-        images = [q for q in files if is_supported_image(q)]
-        others = [q for q in files if not is_supported_image(q)]
-        res.paths.extend(images)
-        if others:
-            res.notes.append(f"{where}: ignored {len(others)} file(s) that are not JPEG, PNG, TIFF or WebP "
-                             f"images (e.g. {others[0].name})")
-        if not images:
-            res.errors.append(f"{where}: no JPEG, PNG, TIFF or WebP images found")
-
-    for item in items:
-        p = Path(item)
-        if any(ch in item for ch in "*?[") and not p.exists():
-            matches = [Path(m) for m in sorted(glob.glob(item))]
-            files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
-            if not matches:
-                res.errors.append(f"{item}: no file matches this pattern")
-            else:
-                add_listing(item, files)
-        elif p.is_dir():
-            add_listing(str(p), sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")))
-        else:
-            res.paths.append(p)  # missing / bad files are reported per image, with the others still processed
-    seen: set[Path] = set()
-    unique = []
-    for p in res.paths:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    res.paths = unique
-    return res
-
-
-def _output_is_file(output: str | None) -> bool:
-    """-o names one output file (suffix .dng/.tif/.tiff/.npy, not an existing directory), else a directory."""
-    if not output:
-        return False
-    out = Path(output)
-    return out.suffix.lower() in _SUFFIX_FORMAT and not out.is_dir() and not output.endswith(("/", os.sep))
-
-
-def _plan(inputs: list[Path], output: str | None, formats: tuple[str, ...]) -> list[Job]:
-    """Decide every output path up front (so collisions and bad targets fail before any compute)."""
-    from .io import RAW_SUFFIXES, SUPPORTED_INPUT_SUFFIXES
-
-    out = Path(output) if output else None
-    out_is_file = _output_is_file(output)
-    if out is not None and not out_is_file and not out.is_dir() and (
-            out.suffix.lower() in SUPPORTED_INPUT_SUFFIXES | RAW_SUFFIXES):
-        raise UsageError(f"-o {out}: rawdiff writes .dng, .tiff or .npy files; name one of those, or a directory")
-    fmts = list(dict.fromkeys(formats)) if formats else []
-    if out_is_file:
-        assert out is not None
-        if len(inputs) > 1:
-            raise UsageError(f"-o {out} names one file but {len(inputs)} inputs were given; give a directory")
-        if not fmts:
-            fmts = [_SUFFIX_FORMAT[out.suffix.lower()]]
-    if not fmts:
-        fmts = ["dng"]
-    sources = {p.resolve(): p for p in inputs}
-    jobs: list[Job] = []
-    taken: dict[Path, Path] = {}
-    for src in inputs:
-        outs = {}
-        for f in fmts:
-            if out_is_file:
-                assert out is not None
-                target = out if _SUFFIX_FORMAT[out.suffix.lower()] == f else out.with_suffix(FORMATS[f])
-            elif out is not None:
-                target = out / (src.stem + FORMATS[f])
-            else:
-                target = src.with_suffix(FORMATS[f])
-            key = target.resolve()
-            if key in sources:
-                raise UsageError(f"{src}: the output {target} would overwrite the input {sources[key]}; "
-                                 "use -o DIR")
-            if key in taken:
-                raise UsageError(f"{src} and {taken[key]} would both write {target}; use separate output folders")
-            taken[key] = src
-            outs[f] = target
-        jobs.append(Job(src, outs))
-    return jobs
-
+# ---- phases ------------------------------------------------------------------------------------------------------
 
 def _world() -> tuple[int, int]:
     """(rank, world size) from torchrun's environment; (0, 1) outside it."""
@@ -178,80 +113,119 @@ def _world() -> tuple[int, int]:
     return rank, world
 
 
-def _shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
-    """Under torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th input (planned over all inputs)."""
-    return jobs[rank::world] if world > 1 else jobs
-
-
 def _resolve_device(device: str) -> str:
+    """auto -> cuda[:LOCAL_RANK] or cpu; a CUDA device must exist (UsageError otherwise)."""
     import torch
 
-    local_rank = os.environ.get("LOCAL_RANK")
+    if device == "cpu":
+        return device
     if device == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{local_rank}" if local_rank is not None else "cuda"
-        return "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        local_rank = os.environ.get("LOCAL_RANK")
+        device = f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA device (a CPU-only build, or no GPU)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
-def _probe_directory(directory: Path) -> str | None:
-    """None if a file can be created in ``directory`` (checked by creating an anonymous temporary file, which
-    is true even for root on read-only mounts), else the reason."""
-    if not directory.exists():
-        return "does not exist"
-    if not directory.is_dir():
-        return "is not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        return e.strerror or _first_line(e)
-    return None
+def _plan(opts: InferOptions, console: Console, rank: int, world: int) -> tuple[list[Job], int, int, int]:
+    """Inputs, outputs and their checks. Returns (jobs to run, inputs failed so far, skipped, inputs)."""
+    expanded = expand_inputs(opts.inputs)
+    if rank == 0:  # under torchrun, input problems are reported (and counted) once
+        for note in expanded.notes:
+            console.warn(note)
+        for problem in expanded.errors:
+            console.err(problem)
+    if not expanded.paths:
+        raise UsageError("no input images" if not expanded.errors else "no input images (see above)")
+    failed = len(expanded.errors) if rank == 0 else 0
+    planned = plan_outputs(expanded.paths, opts.output, opts.formats)
+    if opts.encoded and rank == 0 and set(planned[0].outputs) == {"dng"}:
+        console.warn("--encoded changes only TIFF and NPY outputs; a DNG always holds linear RAW")
+    jobs = shard(planned, rank, world)
+    if opts.output:
+        prepare_output_dir(opts.output)
+    checked = check_outputs(jobs, force=opts.force, resume=opts.resume)
+    for problem in checked.errors:
+        console.err(problem)
+    for job in checked.skipped:
+        console.out(f"{show_path(job.source)}: skipped, outputs exist (--resume)")
+    return checked.todo, failed + len(checked.errors), len(checked.skipped), len(jobs) + len(expanded.errors)
 
 
-def _load_backend(backend: str, ckpt: str | None, device: str, dtype: str, batch_size: int, compile_: bool,
-                  cuda_graph: bool):
-    from .backends import default_checkpoint, open_backend
+def _load(opts: InferOptions, device: str):
+    """The backend, self-tested (one patch through it) before any image is computed. UsageError otherwise."""
+    from .backends import BackendError, default_checkpoint, open_backend
+    from .checkpoint import CheckpointError
 
-    path = ckpt
+    path = opts.ckpt or opts.model_file
     if path is None:
-        if backend != "torch":
-            raise UsageError(f"--backend {backend} needs --model FILE (an .onnx file or an engine from rawdiff-export)")
+        if opts.backend != "torch":
+            raise UsageError(f"--backend {opts.backend} needs --model FILE (an .onnx file or an engine from "
+                             "rawdiff-export)")
         default = default_checkpoint()
         if default is None:
-            raise UsageError("this build of rawdiff ships no default model yet; pass --ckpt MODEL.safetensors "
-                             "(train one with rawdiff-train)")
+            raise UsageError("this build of rawdiff ships no default model; pass --ckpt MODEL.safetensors")
         path = str(default)
-    if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
-    return open_backend(backend, path, device=device, dtype=dtype,
-                        max_batch_size=batch_size if cuda_graph else None, compile=compile_, cuda_graph=cuda_graph)
+    dtype = opts.dtype if opts.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    per_batch_graph = opts.cuda_graph and opts.merge == "end"  # step fusion records the whole step instead
+    try:
+        be = open_backend(opts.backend, path, device=device, dtype=dtype,
+                          max_batch_size=_batch_size(opts, device) if per_batch_graph else None,
+                          compile=opts.compile, cuda_graph=per_batch_graph)
+        be.self_test()
+    except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
+        raise UsageError(first_line(e)) from None
+    return be
 
 
-def _write_outputs(job: Job, rec, srgb, camera, encoded_only: bool, software: str, overwrite: bool) -> None:
-    """Write every output of ``job``; an OSError names the output file that failed."""
-    from .io import write_dng, write_npy, write_tiff
+def _batch_size(opts: InferOptions, device: str) -> int:
+    return opts.batch_size or (64 if device.startswith("cpu") else 256)
 
-    linear = rec.linear  # computed once (H x W x 3 float32)
-    for fmt, path in job.outputs.items():
-        try:
-            if fmt == "dng":
-                write_dng(path, linear, camera=camera, preview_srgb=srgb, software=software,
-                          description=f"rawdiff reconstruction of {job.source.name}", overwrite=overwrite)
-            elif fmt == "tiff":
-                write_tiff(path, rec.encoded if encoded_only else linear, software=software, overwrite=overwrite)
-            else:
-                write_npy(path, rec.encoded if encoded_only else linear, overwrite=overwrite)
-        except OSError as e:
-            raise _WriteError(f"{path}: cannot write: {_os_problem(e, path.parent)}") from None
+
+def _reconstructor(opts: InferOptions, be: Any, device: str):
+    """Tiles and sampler checked against the loaded model (UsageError before any compute)."""
+    from .pipeline import RawReconstructor, SamplerConfig
+    from .tiling import TileConfig
+
+    P = opts.patch_size or be.patch_size
+    if be.fixed_patch_size and P != be.patch_size:
+        raise UsageError(f"--patch-size {P}: {show_path(opts.model_file or opts.ckpt or '')} is built for "
+                         f"{be.patch_size}-pixel patches")
+    lo, hi = max(8, be.meta.model.patch_size // 2), 2 * be.meta.model.patch_size
+    if not lo <= P <= hi:
+        raise UsageError(f"--patch-size {P}: this model was trained on {be.meta.model.patch_size}-pixel patches "
+                         f"and runs on {lo}..{hi}")
+    try:
+        tiles = TileConfig(patch_size=P, stride=min(opts.stride, P), window=opts.window,  # type: ignore[arg-type]
+                           batch_size=_batch_size(opts, device), merge=opts.merge,  # type: ignore[arg-type]
+                           grid=opts.grid)  # type: ignore[arg-type]
+        sampler = SamplerConfig(method=opts.sampler, steps=opts.steps, eta=opts.eta, order=opts.order)
+        if sampler.num_steps > be.meta.schedule.num_timesteps:
+            raise ValueError(f"--steps {sampler.num_steps}: the model's schedule has only "
+                             f"{be.meta.schedule.num_timesteps} timesteps")
+        step_graph = opts.cuda_graph and opts.merge == "step"
+        if step_graph and not be.capturable:
+            raise ValueError(f"--cuda-graph with --merge step needs the torch backend (got {opts.backend})")
+        return RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph)
+    except ValueError as e:
+        raise UsageError(first_line(e)) from None
 
 
 def _os_problem(e: OSError, directory: Path) -> str:
     """The reason of a failed write, in words. numpy's ``tofile`` (which tifffile uses) reports a short write as
     ``OSError("N requested and M written")`` without errno: on a (nearly) full disk that is "no space left"."""
+    from .fsio import OutputExistsError
+
+    if isinstance(e, OutputExistsError):
+        return "exists (it appeared while rawdiff was working); not replaced (use --force to replace)"
     if e.strerror:
         return e.strerror
-    msg = _first_line(e)
+    msg = first_line(e)
     if re.fullmatch(r"\d+ requested and \d+ written", msg):
         try:
             free = shutil.disk_usage(directory).free
@@ -267,19 +241,104 @@ class _WriteError(Exception):
     """An output file could not be written (message: one line naming it)."""
 
 
-class _StderrHandler(logging.Handler):
-    """Library log records -> ``rawdiff-infer: warning: ...`` on the current stderr (click's, under CliRunner)."""
+def _writer(opts: InferOptions, camera: Any, software: str):
+    from .io import write_dng, write_npy, write_tiff
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            level = record.levelname.lower()
-            click.echo(f"{_PROG}: {level}: {msg}", err=True)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
+    def write(job: Job, rec: Any, srgb: Any) -> None:
+        linear = rec.linear  # computed once (H x W x 3 float32)
+        for fmt, path in job.outputs.items():
+            data = rec.encoded if (opts.encoded and fmt != "dng") else linear
+            try:
+                if fmt == "dng":
+                    write_dng(path, linear, camera=camera, preview_srgb=srgb, software=software,
+                              description=f"rawdiff reconstruction of {job.source.name}", overwrite=opts.force)
+                elif fmt == "tiff":
+                    write_tiff(path, data, software=software, overwrite=opts.force)
+                else:
+                    write_npy(path, data, overwrite=opts.force)
+            except OSError as e:
+                raise _WriteError(f"{show_path(path)}: cannot write: {_os_problem(e, path.parent)}") from None
+
+    return write
 
 
-HELP = """Reconstruct camera RAW from sRGB photos (JPEG, PNG, TIFF, WebP).
+def _decoder(opts: InferOptions):
+    from .io import read_image
+
+    def decode(job: Job):
+        return read_image(job.source, max_pixels=opts.max_pixels).pixels
+
+    return decode
+
+
+def _check_size(job: Job, pixels: Any) -> str | None:
+    h, w = pixels.shape[:2]
+    if "dng" in job.outputs and min(h, w) < 2:
+        return (f"{show_path(job.source)}: a {w}x{h} image is too small for a DNG (2x2 at least); use --format "
+                "tiff or npy")
+    return None
+
+
+def run(opts: InferOptions, console: Console, state: dict[str, Any]) -> int:
+    """Run rawdiff-infer with validated options; returns the exit status (raises UsageError for exit 2)."""
+    rank, world = _world()
+    todo, failed, skipped, n_inputs = _plan(opts, console, rank, world)
+    if not todo:
+        return _summary(console, failed, 0, skipped, n_inputs)
+    device = _resolve_device(opts.device)
+    with _load(opts, device) as be:
+        rec = _reconstructor(opts, be, device)
+        return _process(opts, console, state, rec, be, todo, failed, skipped, n_inputs)
+
+
+def _process(opts: InferOptions, console: Console, state: dict[str, Any], rec: Any, be: Any, todo: list[Job],
+             failed: int, skipped: int, n_inputs: int) -> int:
+    from . import __version__
+    from .backends import BackendError
+    from .io import ImageError
+    from .runner import FolderRunner, Outcome, default_progress
+    from .tiling import NonFiniteOutputError
+
+    done = 0
+
+    def on_outcome(o: Outcome) -> None:
+        nonlocal done, failed
+        if not o.ok:
+            failed += 1
+            console.err(o.message)
+            return
+        done += 1
+        assert o.result is not None
+        h, w = o.result.encoded.shape[:2]
+        outs = ", ".join(show_path(p) for p in o.job.outputs.values())
+        shared = o.result.extra.get("pack_size", 1)
+        console.out(f"{show_path(o.job.source)} -> {outs}  {w}x{h}, {o.result.patches} patches, {o.result.steps} "
+                    f"steps ({opts.sampler}), {o.result.seconds:.1f} s"
+                    + (f" (shared by {shared} images)" if shared > 1 else ""))
+
+    show_progress = not opts.quiet and (opts.progress if opts.progress is not None else sys.stderr.isatty())
+    console.bars = show_progress
+    runner = FolderRunner(rec, decode=_decoder(opts), write=_writer(opts, be.meta.camera, f"rawdiff {__version__}"),
+                          seed=opts.seed, max_pack=opts.max_pack,
+                          fail_on=(ImageError, _WriteError, BackendError, NonFiniteOutputError, MemoryError,
+                                   ValueError, RuntimeError, OSError),
+                          check=_check_size, on_outcome=on_outcome,
+                          progress=default_progress(show_progress, sys.stderr))
+    state["runner"] = runner
+    runner.run(todo)
+    return _summary(console, failed, done, skipped, n_inputs)
+
+
+def _summary(console: Console, failed: int, done: int, skipped: int, n_inputs: int) -> int:
+    """A count line on stderr when some of several inputs failed; the exit status."""
+    if failed and n_inputs > 1:
+        console.err(f"{failed} failed, {done} done" + (f", {skipped} skipped (--resume)" if skipped else ""))
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+# ---- the click command ---------------------------------------------------------------------------------------------
+
+HELP = f"""Reconstruct camera RAW from sRGB photos (JPEG, PNG, TIFF, WebP).
 
 INPUTS are image files, directories (their images, non-recursive) or quoted globs. Each input gives
 INPUT.dng next to it unless -o names a file (one input) or a directory (created if needed). The DNG holds
@@ -289,15 +348,20 @@ the reconstructed Bayer mosaic with the model camera's colour matrix, so any raw
 
 \b
 Examples:
-  rawdiff-infer photo.jpg                               # -> photo.dng, default model, dpm 20 steps
+  rawdiff-infer photo.jpg                               # -> photo.dng, default model and sampler
   rawdiff-infer photo.jpg -o out.dng --sampler ddpm     # the paper's 1000-step sampler
   rawdiff-infer shots/ "more/*.png" -o raw/ --format dng --format npy --resume
   torchrun --nproc-per-node 4 -m rawdiff_infer.cli shots/ -o raw/ --resume   # one GPU per rank
 
 Exit status: 0 all images done, 1 some failed (each reported on stderr), 2 bad command line, model or output
-folder (nothing computed), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Outputs are written
-atomically: never a partial file, never an existing file overwritten without --force.
+folder (nothing computed), 128+N for signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; within seconds, even in
+the middle of a model call). Outputs are written atomically and never replace a file, not even one that
+appeared while rawdiff was computing, without --force: never a partial file.
 """
+
+
+def _sampler_help() -> str:
+    return "; ".join(f"{k}: {s.summary}" for k, s in SPECS.items())
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -309,232 +373,78 @@ atomically: never a partial file, never an existing file overwritten without --f
 @click.option("--ckpt", help="rawdiff checkpoint (.safetensors or sharded folder). Default: the bundled model.")
 @click.option("--model", "model_file", help="Model for --backend onnx|trt: an .onnx file or a TensorRT engine.")
 @click.option("--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch", show_default=True)
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm", "dpm-sde", "dpm-single"]), default="dpm-sde",
-              show_default=True, help="ddpm: 1000-step ancestral; ddim; dpm: DPM-Solver++ multistep (ODE); "
-              "dpm-sde: SDE-DPM-Solver++ multistep (stochastic: re-injects noise like ddpm); "
-              "dpm-single: singlestep DPM-Solver (the paper's fast sampler).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_METHOD, show_default=True,
+              help=_sampler_help())
 @click.option("--steps", type=click.IntRange(1, 1000),
-              help="Model evaluations. Default: ddpm 1000, ddim 50, dpm 20, dpm-sde 20, dpm-single 20.")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="DDIM noise.")
-@click.option("--order", type=click.IntRange(1, 3), help="Solver order (dpm: 2, dpm-sde: 2 at most, dpm-single: 3).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (same seed, same output).")
-@click.option("--patch-size", type=click.IntRange(8), help="Patch size in pixels, a multiple of 8 "
-              "(default: the model's, 64).")
-@click.option("--stride", type=click.IntRange(1), default=48, show_default=True,
-              help="Pixels between patches (overlap = patch - stride; at most the patch size).")
-@click.option("--window", type=click.Choice(["hann", "linear", "uniform"]), default="hann", show_default=True)
+              help="Model evaluations. Default: " + ", ".join(f"{k} {s.default_steps}" for k, s in SPECS.items())
+              + ".")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), help="Stochasticity of ddim (default 0) and dpm-sde "
+              "(default 1), in [0, 1].")
+@click.option("--order", type=click.IntRange(1, 3), help="Solver order (dpm, dpm-sde: 2; dpm-single: 3).")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Noise seed, 0..2^64-1 (same seed, same output).")
+@click.option("--patch-size", type=click.IntRange(8, 1024), help="Patch size in pixels, a multiple of 8, from half "
+              "to twice the model's training patch (default: the model's, 64; an ONNX graph or engine fixes it).")
+@click.option("--stride", type=click.IntRange(1, 1024), default=48, show_default=True,
+              help="Pixels between patches of the overlap grid (overlap = patch - stride; at most the patch size).")
+@click.option("--grid", type=click.Choice(GRIDS), default="overlap", show_default=True,
+              help="overlap: patches every --stride pixels, window-fused; shifted: no overlap, the grid moved at "
+              "every step (fewer patches).")
+@click.option("--window", type=click.Choice(WINDOWS), default="hann", show_default=True)
 @click.option("--merge", type=click.Choice(["step", "end"]), default="step", show_default=True,
               help="step: fuse overlapping patches at every step (seamless); end: the paper's independent patches.")
-@click.option("--batch-size", type=click.IntRange(1), help="Patches per model call (default: 256 on CUDA, 64 on CPU, "
-              "where larger batches are slower).")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), help="Patches per model call (default: 256 on "
+              "CUDA, 64 on CPU). Small images are packed together up to this many patches.")
+@click.option("--max-pack", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Most images that share the model's calls (1: one image at a time).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch backend precision (auto: fp16 on CUDA, fp32 on CPU).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (CUDA; slow first image).")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the U-Net (CUDA; slow first image).")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay CUDA graphs (torch backend). --merge step: each sampler step's whole model evaluation "
-              "(every patch batch and the fusion) is recorded once per image size; --merge end: the U-Net per "
-              "batch (fixed --batch-size). Helps where batches are small; costs GPU memory.")
+              "is recorded once per image size; --merge end: the U-Net per batch. Costs GPU memory.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Raise/lower the decompression-bomb limit (pixels).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs all exist (they are complete: writes are "
               "atomic); write only the missing ones of the others.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries; errors only.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a "
+              "terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or result lines; errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (and show tracebacks of internal errors).")
-def cli(inputs, output, formats, encoded, ckpt, model_file, backend, sampler, steps, eta, order, seed, patch_size,
-        stride, window, merge, batch_size, device, dtype, compile_, cuda_graph, max_pixels, force, resume, quiet,
-        verbose) -> None:
-    pkg_log = logging.getLogger("rawdiff_infer")
-    handler = _StderrHandler()
-    saved_log = (pkg_log.level, pkg_log.propagate)
-    pkg_log.addHandler(handler)
-    pkg_log.setLevel(logging.INFO if verbose else logging.WARNING)
-    pkg_log.propagate = False
-    state = RunState()
-    saved_term = None
-    if threading.current_thread() is threading.main_thread():
-        saved_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        code = _run(inputs, output, formats, encoded, ckpt or model_file, backend, sampler, steps, eta, order, seed,
-                    patch_size, stride, window, merge, batch_size, device, dtype, compile_, cuda_graph, max_pixels,
-                    force, resume, quiet, state)
-    except UsageError as e:
-        _err(f"error: {e}")
-        code = EXIT_USAGE
-    except KeyboardInterrupt as e:
-        what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        where = f" while processing {state.current}" if state.current is not None else ""
-        _err(f"{what}{where}; no partial output was written")
-        code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback with -v
-        if verbose:
-            import traceback
+def cli(**params: Any) -> None:
+    console = Console(_PROG, quiet=params.get("quiet", False), verbose=params.get("verbose", False))
+    state: dict[str, Any] = {}
 
-            traceback.print_exc()
-        _err(f"internal error: {type(e).__name__}: {_first_line(e)} (please report it; -v shows the traceback)")
-        code = EXIT_SOME_FAILED
-    finally:
-        pkg_log.removeHandler(handler)
-        pkg_log.setLevel(saved_log[0])
-        pkg_log.propagate = saved_log[1]
-        if saved_term is not None:
-            signal.signal(signal.SIGTERM, saved_term)
+    def last_words(e: Interrupted) -> None:
+        where = _where(state)
+        console.err(f"{e.verb}{where}; no partial output was written")
+
+    code = EXIT_USAGE
+    with console.capture(), handle_interrupts(last_words):
+        try:
+            code = run(InferOptions.from_click(params), console, state)
+        except (UsageError, ValueError) as e:
+            console.err(f"error: {first_line(e)}")
+            code = EXIT_USAGE
+        except KeyboardInterrupt as e:
+            last_words(e if isinstance(e, Interrupted) else Interrupted())
+            code = exit_code_of(e)
+        except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback with -v
+            if params.get("verbose"):
+                import traceback
+
+                traceback.print_exc()
+            console.err(f"internal error: {type(e).__name__}: {first_line(e)} (please report it; -v shows the "
+                        "traceback)")
+            code = EXIT_SOME_FAILED
     sys.exit(code)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def _run(inputs, output, formats, encoded, model_path, backend_kind, method, steps, eta, order, seed, patch_size,
-         stride, window, merge, batch_size, device, dtype, compile_, cuda_graph, max_pixels, force, resume,
-         quiet, state: RunState) -> int:
-    if force and resume:
-        raise UsageError("--force (recompute and overwrite) and --resume (skip finished outputs) contradict each other")
-    if patch_size is not None and patch_size % 8:
-        raise UsageError(f"--patch-size {patch_size} is not a multiple of 8")
-    rank, world = _world()
-
-    expanded = _expand_inputs(inputs)
-    if rank == 0:  # under torchrun, input problems are reported (and counted) once
-        for note in expanded.notes:
-            _err(f"warning: {note}")
-        for problem in expanded.errors:
-            _err(problem)
-    if not expanded.paths:
-        raise UsageError("no input images" if not expanded.errors else "no input images (see above)")
-    failed = len(expanded.errors) if rank == 0 else 0
-    planned = _plan(expanded.paths, output, formats)
-    if encoded and rank == 0 and set(planned[0].outputs) == {"dng"}:
-        _err("warning: --encoded changes only TIFF and NPY outputs; a DNG always holds linear RAW")
-    jobs = _shard(planned, rank, world)
-
-    # output folders: -o's folder is created and probed now (a problem there is a command-line problem)
-    if output:
-        out_dir = Path(output).parent if _output_is_file(output) else Path(output)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"-o {output}: {out_dir} exists and is not a directory")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create output directory {out_dir}: {e.strerror or _first_line(e)}") from None
-        problem = _probe_directory(out_dir)
-        if problem:
-            raise UsageError(f"cannot write to output directory {out_dir}: {problem}")
-
-    probed: dict[Path, str | None] = {}
-    todo: list[Job] = []
-    skipped = 0
-    for job in jobs:
-        if not job.source.exists():
-            _err(f"{job.source}: no such file")
-            failed += 1
-            continue
-        existing = [p for p in job.outputs.values() if p.exists()]
-        if existing and resume:
-            if len(existing) == len(job.outputs):
-                skipped += 1
-                if not quiet:
-                    click.echo(f"{job.source}: skipped, outputs exist (--resume)")
-                continue
-            job = Job(job.source, {f: p for f, p in job.outputs.items() if not p.exists()})
-        elif existing and not force:
-            _err(f"{existing[0]}: exists, not overwritten (use --force to overwrite, --resume to skip)")
-            failed += 1
-            continue
-        for d in {p.parent for p in job.outputs.values()} - probed.keys():
-            probed[d] = _probe_directory(d)
-        bad = [(d, probed[d]) for d in sorted({p.parent for p in job.outputs.values()}) if probed[d]]
-        if bad:
-            _err(f"{job.source}: cannot write output to {bad[0][0]}: {bad[0][1]}")
-            failed += 1
-            continue
-        todo.append(job)
-    n_inputs = len(jobs) + len(expanded.errors)
-    if not todo:
-        return _summary(failed, 0, skipped, n_inputs)
-
-    from tqdm import tqdm
-
-    from . import __version__
-    from .backends import BackendError
-    from .checkpoint import CheckpointError
-    from .io import ImageError, read_image
-    from .pipeline import RawReconstructor, SamplerConfig
-    from .tiling import TileConfig
-
-    dev = _resolve_device(device)
-    if batch_size is None:
-        batch_size = 64 if dev.startswith("cpu") else 256
-    try:
-        sampler = SamplerConfig(method=method, steps=steps, eta=eta, order=order)
-        if cuda_graph and not dev.startswith("cuda"):
-            raise ValueError("--cuda-graph needs a CUDA device")
-        # step fusion records the whole step (the backend's own per-batch graph would only cost memory)
-        be = _load_backend(backend_kind, model_path, dev, dtype, batch_size, compile_, cuda_graph and merge == "end")
-    except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
-        raise UsageError(_first_line(e)) from None
-    done = 0
-    with be:
-        P = patch_size or be.meta.model.patch_size
-        try:
-            tiles = TileConfig(patch_size=P, stride=min(stride, P), window=window, batch_size=batch_size,
-                               merge=merge)
-        except ValueError as e:
-            raise UsageError(_first_line(e)) from None
-        step_graph = cuda_graph and merge == "step"
-        if step_graph and not be.capturable:
-            raise UsageError(f"--cuda-graph with --merge step needs the torch backend (got {backend_kind})")
-        rec = RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph)
-        images = tqdm(todo, desc="images", unit="img", disable=quiet or len(todo) < 2, file=sys.stderr)
-        for job in images:
-            state.current = job.source
-            try:
-                img = read_image(job.source, max_pixels=max_pixels)
-                h, w = img.pixels.shape[:2]
-                if "dng" in job.outputs and min(h, w) < 2:
-                    raise ImageError(f"{job.source}: a {w}x{h} image is too small for a DNG (2x2 at least); "
-                                     "use --format tiff or npy")
-                bar = tqdm(total=sampler.num_steps, desc=job.source.name, unit="step", leave=False,
-                           disable=quiet, file=sys.stderr)
-
-                def progress(n: int, total: int, bar=bar) -> None:
-                    bar.total = total
-                    bar.n = n
-                    bar.refresh()
-
-                try:
-                    result = rec.reconstruct(img.pixels, seed=seed, progress=progress)
-                finally:
-                    bar.close()
-                _write_outputs(job, result, img.pixels, be.meta.camera, encoded, software=f"rawdiff {__version__}",
-                               overwrite=force)
-                done += 1
-                if not quiet:
-                    outs = ", ".join(str(p) for p in job.outputs.values())
-                    click.echo(f"{job.source} -> {outs}  {w}x{h}, {result.patches} patches, {result.steps} steps "
-                               f"({method}), {result.seconds:.1f} s")
-            except ImageError as e:
-                _err(_first_line(e))
-                failed += 1
-            except _WriteError as e:
-                _err(str(e))
-                failed += 1
-            except MemoryError:
-                _err(f"{job.source}: not enough memory for this image; try a smaller --batch-size")
-                failed += 1
-            except (BackendError, RuntimeError, ValueError, OSError) as e:
-                _err(f"{job.source}: {_first_line(e)}")
-                failed += 1
-        state.current = None  # (kept on Ctrl-C, for the message)
-    return _summary(failed, done, skipped, n_inputs)
-
-
-def _summary(failed: int, done: int, skipped: int, n_inputs: int) -> int:
-    """A count line on stderr when some of several inputs failed; the exit status."""
-    if failed and n_inputs > 1:
-        _err(f"{failed} failed, {done} done" + (f", {skipped} skipped (--resume)" if skipped else ""))
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+def _where(state: dict[str, Any]) -> str:
+    runner = state.get("runner")
+    current = getattr(runner, "current", None) if runner is not None else None
+    return f" while processing {show_path(current)}" if current is not None else ""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,74 +1,130 @@
-"""RawReconstructor: sRGB image in, camera RAW out.
+"""RawReconstructor: sRGB images in, camera RAW out.
 
-Holds a backend, the model's schedule and RAW encoding, sampler settings and tiling options; maps an sRGB array
-(H x W x 3, uint8 / uint16) to the reconstructed RAW (H x W x 3 float32, linear and gamma-encoded). Memory stays
-bounded for large images: patches are streamed through the backend in batches, the canvas (state, eps and the
-solver history) is kept once in fp32 on the backend's device, and the sRGB condition is unfolded once.
+Holds a backend, the model's schedule and RAW encoding, sampler settings and tiling options; maps sRGB arrays
+(H x W x 3, uint8 / uint16 / float) to the reconstructed RAW (H x W x 3 float32, linear and gamma-encoded).
+
+Several images can be reconstructed together (``reconstruct_many``): their canvases are packed into one tensor that
+the sampler advances at once, and their patches share backend calls, which fills the batches of small images. Each
+image keeps its own seed, its own starting noise and its own noise stream, so its result is the one it gets alone
+(up to the backend's own batch-to-batch rounding, about 1e-6 for fp32 convolutions on the CPU).
+
+Memory stays bounded for large images: patches are streamed through the backend in batches, the canvas (state, eps
+and the solver history) is kept once in fp32 on the backend's device, and the sRGB condition is unfolded once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from .backends.base import Backend
 from .rawspace import RawEncoding, model_to_unit, srgb_to_model
-from .samplers import DEFAULT_STEPS, SAMPLERS, sample
+from .samplers import DEFAULT_METHOD, SPECS, NoiseSampler, check_options, sample
 from .schedule import Schedule
-from .tiling import GraphedDenoiser, TileConfig, TiledDenoiser, sample_independent
+from .tiling import (CanvasPack, GraphedDenoiser, NonFiniteOutputError, PatchGrid, TileConfig, TiledDenoiser,
+                     sample_independent)
 
 __all__ = ["SamplerConfig", "RawReconstructor", "Reconstruction"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-MAX_ORDER: dict[str, int] = {"dpm": 3, "dpm-sde": 2, "dpm-single": 3}  # solver order range per method
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Sampler choice: method (ddpm | ddim | dpm | dpm-sde | dpm-single; default dpm-sde, the best measured at 20
-    evaluations), model evaluations (None: the method's default), DDIM eta in [0, 1], solver order (None: default),
-    grid spacing (None: default), x0 clamp (None: off)."""
+    """Sampler choice (see ``samplers.SPECS`` for the methods and their defaults).
 
-    method: str = "dpm-sde"
+    Attributes:
+        method: one of ``samplers.SAMPLERS`` (default ``samplers.DEFAULT_METHOD``).
+        steps: model evaluations, 1..1000 (None: the method's default).
+        eta: stochasticity in [0, 1] for ddim and dpm-sde (None: the method's default).
+        order: solver order (None: the method's default).
+        spacing: timestep grid (None: the method's default).
+        clip_x0: static clamp of the x0 prediction in model space (None: off).
+    """
+
+    method: str = DEFAULT_METHOD
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     order: int | None = None
     spacing: str | None = None
     clip_x0: float | None = 1.0
 
     def __post_init__(self) -> None:
-        if self.method not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.method!r}; choose from {', '.join(SAMPLERS)}")
-        if self.steps is not None and not 1 <= self.steps <= 1000:
-            raise ValueError("steps must be in 1..1000")
-        top = MAX_ORDER.get(self.method)
-        if self.order is not None and (top is None or not 1 <= self.order <= top):
-            raise ValueError(f"order {self.order} does not apply to {self.method}" if top is None else
-                             f"{self.method} takes order 1..{top}, not {self.order}")
+        check_options(self.method, steps=self.steps, eta=self.eta, order=self.order, spacing=self.spacing,
+                      clip_x0=self.clip_x0)
 
     @property
     def num_steps(self) -> int:
-        return self.steps or DEFAULT_STEPS[self.method]
+        """Model evaluations this configuration makes."""
+        return self.steps or SPECS[self.method].default_steps
 
     def kwargs(self) -> dict:
-        kw: dict = {"method": self.method, "steps": self.num_steps, "eta": self.eta, "clip_x0": self.clip_x0}
-        if self.order is not None:
-            kw["order"] = self.order
-        if self.spacing is not None:
-            kw["spacing"] = self.spacing
+        """Keyword arguments for ``samplers.sample``."""
+        kw: dict = {"method": self.method, "steps": self.num_steps, "clip_x0": self.clip_x0}
+        for name in ("eta", "order", "spacing"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
         return kw
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "SamplerConfig":
+        """Parse ``METHOD[:STEPS][:key=value,...]``, e.g. ``dpm-sde:10``, ``dpm:20:order=3,spacing=karras``,
+        ``ddim:50:eta=1``. Raises ValueError naming the problem."""
+        parts = spec.strip().split(":")
+        if not parts[0] or len(parts) > 3:
+            raise ValueError(f"sampler spec {spec!r}: write METHOD[:STEPS][:key=value,...]")
+        kw: dict = {"method": parts[0]}
+        if len(parts) > 1 and parts[1]:
+            try:
+                kw["steps"] = int(parts[1])
+            except ValueError:
+                raise ValueError(f"sampler spec {spec!r}: steps {parts[1]!r} is not an integer") from None
+        if len(parts) > 2 and parts[2]:
+            for item in parts[2].split(","):
+                key, _, value = item.partition("=")
+                if key not in _SPEC_OPTIONS or not value:
+                    raise ValueError(f"sampler spec {spec!r}: unknown option {item!r} (known: "
+                                     f"{', '.join(_SPEC_OPTIONS)})")
+                try:
+                    kw[key] = _SPEC_OPTIONS[key](value)
+                except ValueError:
+                    raise ValueError(f"sampler spec {spec!r}: bad value for {key}: {value!r}") from None
+        return cls(**kw)
+
+    def label(self) -> str:
+        """Short description for logs and tables, e.g. ``dpm-sde 20``."""
+        extra = [f"{k}={getattr(self, k)}" for k in ("eta", "order", "spacing") if getattr(self, k) is not None]
+        return f"{self.method} {self.num_steps}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _none_or_float(v: str) -> float | None:
+    return None if v.lower() == "none" else float(v)
+
+
+#: options a sampler spec may set, with their parsers
+_SPEC_OPTIONS: dict[str, Callable[[str], object]] = {"eta": float, "order": int, "spacing": str,
+                                                      "clip_x0": _none_or_float}
 
 
 @dataclass
 class Reconstruction:
-    """Result for one image: RAW in the model's gamma-encoded space and linear, both H x W x 3 float32 in [0, 1]."""
+    """Result for one image: RAW in the model's gamma-encoded space and linear, both H x W x 3 float32 in [0, 1].
+
+    Attributes:
+        encoded: the gamma-encoded RAW (what PSNR is measured on).
+        patches: patches per model evaluation for this image.
+        steps: model evaluations.
+        seconds: wall time of the reconstruction (of the whole pack when several images shared it).
+        gamma: the model's RAW encoding gamma.
+        extra: details (``step_graph``, ``pack_size``).
+    """
 
     encoded: np.ndarray
     patches: int
@@ -82,44 +138,45 @@ class Reconstruction:
         return RawEncoding(self.gamma).decode(self.encoded)
 
 
+def packed_noise(pack: CanvasPack, generators: Sequence[torch.Generator]) -> NoiseSampler:
+    """A noise sampler over a pack: every canvas draws its own noise from its own generator, in its own shape, as
+    it would alone; the draws are packed like the canvases."""
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.randn((1, *shape), generator=g, device=g.device, dtype=torch.float32).to(x.device, x.dtype)
+                 for shape, g in zip(pack.shapes, generators)]
+        return pack.pack(parts)
+
+    return draw
+
+
 class RawReconstructor:
     """Maps sRGB photos to camera RAW with a diffusion backend.
 
     Args:
-        backend: any Backend (torch, onnx, trt); its ``meta`` supplies the schedule, encoding and camera.
+        backend: any Backend (torch, onnx, trt, aoti); its ``meta`` supplies the schedule, encoding and camera.
         sampler: SamplerConfig.
         tiles: TileConfig (patch size must match the model's training patch unless you know better).
         step_graph: record the whole model evaluation of a sampler step (every patch batch and the fusion) as one
-            CUDA graph and replay it (``tiling.GraphedDenoiser``); needs step fusion and a capturable backend on
-            CUDA. The graph is kept for the last image size, so a run of same-sized photos records it once. Off by
-            default: on an H200 at 2048x2048 (batches of 1024 patches) it measured no faster than per-batch
-            launches, since the host already runs ahead of the GPU, and its memory pool holds the U-Net's
-            intermediates (+3.5 GiB there). It can help where batches are small and launches dominate.
+            CUDA graph and replay it (``tiling.GraphedDenoiser``); needs step fusion on the overlap grid and a
+            capturable backend on CUDA. The graph is kept for the last image size, so a run of same-sized photos
+            records it once. Off by default: on an H200 at 2048x2048 (batches of 1024 patches) it measured no
+            faster than per-batch launches, and its memory pool holds the U-Net's intermediates (+3.5 GiB there).
     """
 
     def __init__(self, backend: Backend, *, sampler: SamplerConfig | None = None,
                  tiles: TileConfig | None = None, step_graph: bool = False) -> None:
         self.backend = backend
         self.sampler = sampler or SamplerConfig()
-        self.tiles = tiles or TileConfig(patch_size=backend.meta.model.patch_size)
+        self.tiles = tiles or TileConfig(patch_size=backend.patch_size)
         self.schedule = Schedule(backend.meta.schedule)
         self.meta = backend.meta
-        if step_graph and not (backend.capturable and backend.device.type == "cuda" and self.tiles.merge == "step"):
-            raise ValueError("step_graph needs step fusion (merge='step') and a capturable backend on CUDA "
+        if step_graph and not (backend.capturable and backend.device.type == "cuda" and self.tiles.merge == "step"
+                               and self.tiles.grid == "overlap"):
+            raise ValueError("step_graph needs step fusion on the overlap grid and a capturable backend on CUDA "
                              "(the torch backend)")
         self.step_graph = step_graph
         self._graphed: GraphedDenoiser | None = None
-
-    def _denoiser(self, cond: torch.Tensor) -> TiledDenoiser | GraphedDenoiser:
-        """The eps function for this image: a fresh TiledDenoiser, or the recorded graph when the size matches."""
-        if not self.step_graph:
-            return TiledDenoiser(self.backend, cond, self.tiles)
-        if self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape):
-            self._graphed.set_condition(cond)
-            return self._graphed
-        self.close()
-        self._graphed = GraphedDenoiser(TiledDenoiser(self.backend, cond, self.tiles))
-        return self._graphed
 
     def close(self) -> None:
         """Drop the recorded step graph (the backend stays open; it belongs to the caller)."""
@@ -127,36 +184,99 @@ class RawReconstructor:
             self._graphed.close()
             self._graphed = None
 
+    def patches_for(self, height: int, width: int) -> int:
+        """Patches per model evaluation for an image of this size (pixels)."""
+        if self.tiles.grid == "shifted":
+            P = self.tiles.patch_size
+            return -(-height // P) * -(-width // P)
+        return PatchGrid(height, width, self.tiles, "cpu").num_patches
+
     def reconstruct(self, srgb: np.ndarray, *, seed: int = 0, progress: Progress | None = None) -> Reconstruction:
-        """sRGB H x W x 3 (uint8, uint16 or float in [0, 1]) -> Reconstruction. Same seed, same output (per device)."""
-        if srgb.ndim != 3 or srgb.shape[2] != 3 or min(srgb.shape[:2]) < 1:
-            raise ValueError(f"expected an H x W x 3 image, got shape {srgb.shape}")
+        """sRGB H x W x 3 (uint8, uint16 or float in [0, 1]) -> Reconstruction. Same seed, same output (per device
+        and backend)."""
+        return self.reconstruct_many([srgb], seeds=[seed], progress=progress)[0]
+
+    def reconstruct_many(self, images: Sequence[np.ndarray], *, seeds: Sequence[int],
+                         progress: Progress | None = None) -> list[Reconstruction]:
+        """Several images at once, their patches sharing backend calls (see the module docstring).
+
+        Args:
+            images: sRGB H_i x W_i x 3 arrays (uint8, uint16 or float in [0, 1]).
+            seeds: one seed per image, 0 <= seed < 2**64.
+            progress: called as progress(evaluations_done, evaluations_total).
+        """
         start = time.perf_counter()
+        outs = self.denoise_many(images, seeds=seeds, progress=progress)
+        encoded = [o.cpu().numpy() for o in outs]
+        seconds = time.perf_counter() - start
+        return [self.result(e, seconds=seconds, pack_size=len(images)) for e in encoded]
+
+    def result(self, encoded: np.ndarray, *, seconds: float, pack_size: int = 1) -> Reconstruction:
+        """Wrap an encoded H x W x 3 RAW from ``denoise_many`` (copied to the host) as a Reconstruction."""
+        return Reconstruction(encoded=encoded, patches=self.patches_for(*encoded.shape[:2]),
+                              steps=self.sampler.num_steps, seconds=seconds, gamma=self.meta.encoding.gamma,
+                              extra={"step_graph": self.step_graph and pack_size == 1, "pack_size": pack_size})
+
+    def denoise_many(self, images: Sequence[np.ndarray | torch.Tensor], *, seeds: Sequence[int],
+                     progress: Progress | None = None) -> list[torch.Tensor]:
+        """The device half of ``reconstruct_many``: the encoded RAW of each image as an H x W x 3 float32 tensor
+        in [0, 1] on the backend's device (the caller copies it to the host, e.g. asynchronously).
+
+        ``images`` may also be tensors prepared by ``rawspace.host_srgb`` (pinned, or already on the device)."""
+        if len(images) != len(seeds) or not images:
+            raise ValueError("give one seed per image (and at least one image)")
+        for img in images:
+            if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+                raise ValueError(f"expected an H x W x 3 image, got shape {tuple(img.shape)}")
         dev = self.backend.device
-        cond = srgb_to_model(srgb, dev)
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
-        kw = self.sampler.kwargs()
+        gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             if self.tiles.merge == "end":
-                patches = _count_patches(cond, self.tiles)
-                chunks = -(-patches // self.tiles.batch_size)  # each chunk of patches runs the whole sampler
-                x0 = sample_independent(self.backend, cond, self.schedule, self.tiles, generator=gen,
-                                        callback=_chunked_progress(progress, chunks), **kw)
-                graphed = False
+                outs = [self._independent(img, g, progress) for img, g in zip(images, gens)]
             else:
-                eps_fn = self._denoiser(cond)
-                x_T = torch.randn(cond.shape, generator=gen, device=dev)
-                del cond
-                x0 = sample(eps_fn, x_T, self.schedule, generator=gen, callback=progress, **kw)
-                patches = eps_fn.num_patches
-                graphed = isinstance(eps_fn, GraphedDenoiser)
+                outs = self._fused(images, gens, progress)
             # H x W x 3 laid out on the device, so the copy to the host is the only host-side work
-            encoded = model_to_unit(x0[0]).permute(1, 2, 0).float().contiguous().cpu().numpy()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return Reconstruction(encoded=encoded, patches=patches, steps=self.sampler.num_steps,
-                              seconds=time.perf_counter() - start, gamma=self.meta.encoding.gamma,
-                              extra={"step_graph": graphed})
+            encoded = [model_to_unit(x0).permute(1, 2, 0).float().contiguous() for x0 in outs]
+            if not all(bool(torch.isfinite(e).all()) for e in encoded):
+                raise NonFiniteOutputError("the reconstruction holds NaN values (the model returned non-finite "
+                                           "values)")
+        return encoded
+
+    def _independent(self, img: np.ndarray | torch.Tensor, gen: torch.Generator, progress: Progress | None
+                     ) -> torch.Tensor:
+        cond = srgb_to_model(img, self.backend.device)
+        chunks = -(-self.patches_for(*img.shape[:2]) // self.tiles.batch_size)  # each chunk runs the whole sampler
+        x0 = sample_independent(self.backend, cond, self.schedule, self.tiles, generator=gen,
+                                callback=_chunked_progress(progress, chunks), **self.sampler.kwargs())
+        return x0[0]
+
+    def _fused(self, images: Sequence[np.ndarray | torch.Tensor], gens: Sequence[torch.Generator],
+               progress: Progress | None) -> list[torch.Tensor]:
+        dev = self.backend.device
+        conds = [srgb_to_model(img, dev)[0] for img in images]
+        x_T = [torch.randn((1, *c.shape), generator=g, device=dev) for c, g in zip(conds, gens)]
+        if self.step_graph and len(images) == 1:
+            eps_fn: TiledDenoiser | GraphedDenoiser = self._graphed_for(conds[0][None])
+            x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self.sampler.kwargs())
+            eps_fn.check_finite()
+            return [x0[0]]
+        denoiser = TiledDenoiser(self.backend, conds, self.tiles)
+        denoiser.total_calls = self.sampler.num_steps
+        del conds
+        pack = denoiser.pack
+        x0 = sample(denoiser, pack.pack(x_T), self.schedule, noise=packed_noise(pack, gens), callback=progress,
+                    **self.sampler.kwargs())
+        denoiser.check_finite()
+        return pack.unpack(x0)
+
+    def _graphed_for(self, cond: torch.Tensor) -> GraphedDenoiser:
+        """The recorded graph for this image size (recorded again when the size changes)."""
+        if self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape):
+            self._graphed.set_condition(cond)
+            return self._graphed
+        self.close()
+        self._graphed = GraphedDenoiser(TiledDenoiser(self.backend, cond, self.tiles))
+        return self._graphed
 
 
 def _chunked_progress(progress: Progress | None, chunks: int) -> Progress | None:
@@ -171,9 +291,3 @@ def _chunked_progress(progress: Progress | None, chunks: int) -> Progress | None
         progress(calls, chunks * total)
 
     return cb
-
-
-def _count_patches(cond: torch.Tensor, tiles: TileConfig) -> int:
-    from .tiling import PatchGrid
-
-    return PatchGrid(cond.shape[2], cond.shape[3], tiles, "cpu").num_patches

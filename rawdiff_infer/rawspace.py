@@ -15,7 +15,7 @@ import torch
 
 from .validate import SchemaError, choice, known_keys, number, obj
 
-__all__ = ["RawEncoding", "srgb_to_model", "model_to_unit", "GAMMA_RANGE"]
+__all__ = ["RawEncoding", "srgb_to_model", "host_srgb", "model_to_unit", "GAMMA_RANGE"]
 
 #: encoding gammas a model may declare: 1 (linear) .. 3 (the paper's 2.2 and sRGB's ~2.4 inside)
 GAMMA_RANGE = (1.0, 3.0)
@@ -57,28 +57,33 @@ class RawEncoding:
             raise SchemaError(f"encoding.{e}") from None
 
 
-def srgb_to_model(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 / uint16 / float [0, 1] H x W x 3 image -> float32 tensor [1, 3, H, W] in [-1, 1] on ``device``.
+def srgb_to_model(image: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """sRGB H x W x 3 -> float32 tensor [1, 3, H, W] in [-1, 1] on ``device``.
 
-    The integer image travels to the device as it is (a quarter of the bytes of float32 for uint8) and is
-    converted there."""
-    if image.dtype == np.uint8:
-        scale = 255.0
-    elif image.dtype == np.uint16:
-        scale = 65535.0
-        image = image.astype(np.int32)  # torch has no uint16 arithmetic on every device
-    else:
-        scale = None
+    ``image``: a numpy array (uint8 0..255, uint16 0..65535, or float in [0, 1]), or a torch tensor already
+    prepared by ``host_srgb`` (uint8, int32 holding 16-bit values, or float32; possibly pinned, possibly already on
+    the device). The integer image travels to the device as it is (a quarter of the bytes of float32 for uint8)
+    and is converted there."""
+    t = host_srgb(image) if isinstance(image, np.ndarray) else image
+    scale = {torch.uint8: 255.0, torch.int32: 65535.0}.get(t.dtype)
+    t = t.to(device)
+    unit = t.float().clamp(0.0, 1.0) if scale is None else t.float().div_(scale)
+    return unit.permute(2, 0, 1)[None].mul(2.0).sub_(1.0).contiguous()
+
+
+def host_srgb(image: np.ndarray, *, pin: bool = False) -> torch.Tensor:
+    """A decoded sRGB array as the host tensor ``srgb_to_model`` uploads: uint8 stays uint8, uint16 becomes int32
+    (torch has no uint16 arithmetic on every device), floats become float32. ``pin`` puts it in page-locked
+    memory (for asynchronous copies to a GPU)."""
+    if image.dtype == np.uint16:
+        image = image.astype(np.int32)
+    elif image.dtype != np.uint8:
         image = image.astype(np.float32, copy=False)
     image = np.ascontiguousarray(image)
     if not image.flags.writeable:  # decoded images can be read-only; torch wants to own writable memory
         image = image.copy()
-    t = torch.from_numpy(image).to(device)
-    if scale is None:
-        unit = t.clamp(0.0, 1.0)
-    else:
-        unit = t.float().div_(scale)
-    return unit.permute(2, 0, 1)[None].mul(2.0).sub_(1.0).contiguous()
+    t = torch.from_numpy(image)
+    return t.pin_memory() if pin else t
 
 
 def model_to_unit(x: torch.Tensor) -> torch.Tensor:

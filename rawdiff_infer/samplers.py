@@ -1,45 +1,66 @@
-"""Diffusion samplers as plain functions over an eps-prediction callable.
+"""Diffusion samplers as plain functions over an eps-prediction model.
 
-Contract: ``eps_fn(x_t, t) -> eps`` with x_t a float32 tensor [B, 3, H, W] (float64 when ``x_T`` is float64, for
-tests) and t a float32 tensor [B] in training units (0 .. T-1, fractional allowed). The samplers never see patches
-or backends (see tiling.py for that).
+Contract of the model: ``eps_fn(x_t, t) -> eps`` with x_t a float32 tensor (float64 when ``x_T`` is float64, for
+tests) of any shape whose first axis is the batch, and t a float32 tensor [B] in training units (0 .. T-1,
+fractional allowed). The samplers never see patches or backends (tiling.py does that); their arithmetic is
+elementwise with scalar coefficients, so x may also be several canvases packed into one tensor.
 
-Every sampler evaluates the model on a decreasing timestep grid t_0 > ... > t_{N-1} (N = ``steps`` model
-evaluations) and ends with a clean sample: the last update goes from t_{N-1} to alphabar = 1 (sigma = 0), which is
-the x0 prediction at t_{N-1}; the default grids end at t_{N-1} = 0. The x0 prediction is clamped to
-[-clip_x0, clip_x0] (static thresholding, ``clip_x0=None`` disables it). All update arithmetic runs in fp32 (fp64
-when x_T is fp64), whatever the model's dtype; coefficients are computed in fp64.
+Every sampler has one signature, in the style of k-diffusion::
+
+    sample_xxx(model: Denoiser, x: Tensor, ts: ndarray, *, noise: NoiseSampler | None = None, **options) -> x0
+
+- ``model`` is a :class:`Denoiser`: it holds the eps function and the schedule, and returns (x0, eps) at a
+  continuous timestep, x0 clamped to [-clip_x0, clip_x0] (static thresholding; None disables it).
+- ``ts`` is the decreasing grid t_0 > ... > t_{N-1} at which the model is evaluated (N = model evaluations).
+- ``noise`` draws standard normal noise shaped like its argument (stochastic samplers only). The default,
+  :func:`gaussian_noise`, draws from one ``torch.Generator``; passing another one (a list of prepared tensors, one
+  generator per packed canvas, ...) changes nothing else.
+- History (multistep solvers) lives in loop locals; nothing is stored between calls.
+
+Every sampler ends with a clean sample: the last update goes from t_{N-1} to alphabar = 1 (sigma = 0), which is
+the x0 prediction at t_{N-1}; the default grids end at t_{N-1} = 0. All update arithmetic runs in fp32 (fp64 when
+x_T is fp64), whatever the model's dtype; coefficients are computed in fp64.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from .schedule import Schedule, Spacing
+from .schedule import SPACINGS, Schedule, Spacing
 
-__all__ = ["sample", "SAMPLERS", "DEFAULT_STEPS", "EpsFn", "ddpm", "ddim", "dpm_multistep", "dpm_sde",
-           "dpm_singlestep"]
+__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "SAMPLERS", "SPECS", "Denoiser", "check_options", "EpsFn", "NoiseSampler", "SamplerSpec",
+           "gaussian_noise", "sample", "sample_ddim", "sample_ddpm", "sample_dpm_single", "sample_dpmpp",
+           "singlestep_orders"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSampler = Callable[[torch.Tensor], torch.Tensor]
 Callback = Callable[[int, int], None]
 
-#: method -> (default steps, default spacing)
-DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 20, "dpm-single": 20}
-DEFAULT_SPACING: dict[str, str] = {"ddpm": "linspace", "ddim": "linspace", "dpm": "logSNR", "dpm-sde": "logSNR",
-                                   "dpm-single": "logSNR"}
 
+class Denoiser:
+    """An eps model seen as a denoiser: ``model(x, t) -> (x0, eps)`` at a continuous timestep t.
 
-class Predictor:
-    """Wraps eps_fn: evaluates at a continuous timestep and returns (x0, eps), x0 clamped, eps consistent with it."""
+    x0 = (x - sigma_t eps) / alpha_t, clamped to [-clip_x0, clip_x0] when ``clip_x0`` is set (then eps is made
+    consistent with the clamped x0). Counts its evaluations and reports them to ``callback(done, total)``.
 
-    def __init__(self, eps_fn: EpsFn, schedule: Schedule, clip_x0: float | None, total: int,
-                 callback: Callback | None) -> None:
+    Args:
+        eps_fn: the eps model (see the module docstring).
+        schedule: the schedule the model was trained with (alpha_t, sigma_t, lambda_t of continuous t).
+        clip_x0: static clamp of the x0 prediction in model space (1.0: the data range [-1, 1]), or None.
+        callback: called after every evaluation as callback(evaluations_done, total).
+        total: the number of evaluations the sampler will make (for the callback).
+    """
+
+    def __init__(self, eps_fn: EpsFn, schedule: Schedule, *, clip_x0: float | None = 1.0,
+                 callback: Callback | None = None, total: int = 0) -> None:
         self.eps_fn, self.schedule, self.clip_x0 = eps_fn, schedule, clip_x0
-        self.total, self.callback, self.calls = total, callback, 0
+        self.callback, self.total, self.calls = callback, total, 0
 
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
@@ -55,150 +76,151 @@ class Predictor:
         return x0, eps
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from ``generator`` on the generator's own device."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
+def gaussian_noise(generator: torch.Generator | None) -> NoiseSampler:
+    """Standard normal noise shaped like its argument, drawn (in fp32) from ``generator`` on the generator's own
+    device, then moved to the argument's device and dtype."""
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        dev = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)
+
+    return draw
 
 
-def ddpm(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule,
-         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ancestral sampling (Ho et al. 2020, eq. 6-7) on any decreasing grid (respaced: beta_eff = 1 - ab_t / ab_s)."""
+def _alphabar(model: Denoiser, t: float) -> float:
+    return float(np.exp(2.0 * model.schedule.log_alpha(t)))
+
+
+# ---- samplers ----------------------------------------------------------------------------------------------------
+
+def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None
+                ) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, eq. 6-7) on any decreasing grid (respaced: beta = 1 - ab_t / ab_s)."""
+    noise = noise or gaussian_noise(None)
     for i, t in enumerate(ts):
-        x0, _ = pred(x, float(t))
+        x0, _ = model(x, float(t))
         if i == len(ts) - 1:
             return x0
-        ab_t, ab_s = (float(np.exp(2 * schedule.log_alpha(v))) for v in (t, ts[i + 1]))
+        ab_t, ab_s = _alphabar(model, float(t)), _alphabar(model, float(ts[i + 1]))
         beta = 1.0 - ab_t / ab_s
         c0 = math.sqrt(ab_s) * beta / (1.0 - ab_t)              # posterior mean coefficient of x0
         ct = math.sqrt(1.0 - beta) * (1.0 - ab_s) / (1.0 - ab_t)  # ... and of x_t
         var = beta * (1.0 - ab_s) / (1.0 - ab_t)
-        x = c0 * x0 + ct * x + math.sqrt(var) * _randn_like(x, generator)
+        x = c0 * x0 + ct * x + math.sqrt(var) * noise(x)
     return x
 
 
-def ddim(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule, eta: float = 0.0,
-         generator: torch.Generator | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z; eta = 0 is deterministic."""
+def sample_ddim(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None,
+                eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z; eta = 0 is
+    deterministic, eta = 1 is DDPM's posterior variance."""
+    noise = noise or gaussian_noise(None)
     for i, t in enumerate(ts):
-        x0, eps = pred(x, float(t))
+        x0, eps = model(x, float(t))
         if i == len(ts) - 1:
             return x0
-        ab_t, ab_s = (float(np.exp(2 * schedule.log_alpha(v))) for v in (t, ts[i + 1]))
+        ab_t, ab_s = _alphabar(model, float(t)), _alphabar(model, float(ts[i + 1]))
         c = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - c * c, 0.0)) * eps
         if c > 0:
-            x = x + c * _randn_like(x, generator)
+            x = x + c * noise(x)
     return x
 
 
-def dpm_multistep(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule,
-                  order: int = 2) -> torch.Tensor:
-    """DPM-Solver++(2M / 3M) multistep, data prediction (Lu et al. 2022b, Alg. 2); lower order at warm-up and at the
-    end (the last update to sigma = 0 is first order: it returns x0; 3M uses 2nd order just before when N < 15)."""
+def _eta_at(eta: float | Sequence[float], i: int) -> float:
+    return float(eta[i]) if isinstance(eta, (list, tuple, np.ndarray)) else float(eta)
+
+
+def sample_dpmpp(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None,
+                 order: int = 2, eta: float | Sequence[float] = 0.0) -> torch.Tensor:
+    """DPM-Solver++ multistep, data prediction, with stochasticity eta (Lu et al. 2022b, Alg. 2 and sec. 5;
+    the eta form is k-diffusion's ``dpmpp_2m_sde`` / ``dpmpp_3m_sde``, written here in variance-preserving form).
+
+    One step from lambda_s to lambda_t = lambda_s + h, with D0 the newest x0 prediction and he = (1 + eta) h::
+
+        x_t = (sigma_t / sigma_s) e^{-eta h} x_s + alpha_t (1 - e^{-he}) D0 + [2M / 3M corrections]
+              + sigma_t sqrt(1 - e^{-2 eta h}) z
+
+    eta = 0 is the probability-flow ODE solver (DPM-Solver++ 2M / 3M); eta = 1 is SDE-DPM-Solver++, which
+    re-injects noise like DDPM. 2M uses the midpoint correction alpha_t (1 - e^{-he}) (D0 - D1) / (2 r); 3M the
+    phi_2 / phi_3 corrections. Lower order at warm-up and at the end (the last update returns x0; 3M takes 2nd
+    order just before when N < 15).
+
+    Args:
+        order: 1, 2 or 3.
+        eta: 0..1, a number or one value per step (e.g. stochastic at high noise, deterministic after).
+    """
     if order not in (1, 2, 3):
-        raise ValueError("dpm multistep order must be 1, 2 or 3")
+        raise ValueError("DPM-Solver++ order must be 1, 2 or 3")
+    noise = noise or gaussian_noise(None)
     n = len(ts)
-    lam = schedule.lambda_(ts)
-    alpha, sigma = schedule.alpha_sigma(ts)
-    hist: list[torch.Tensor] = []  # x0 predictions, newest last
+    lam = model.schedule.lambda_(ts)
+    alpha, sigma = model.schedule.alpha_sigma(ts)
+    prev1: torch.Tensor | None = None   # x0 predictions of the two previous steps
+    prev2: torch.Tensor | None = None
     for i, t in enumerate(ts):
-        x0, _ = pred(x, float(t))
-        hist = (hist + [x0])[-3:]
+        x0, _ = model(x, float(t))
         if i == n - 1:
             return x0
+        e = _eta_at(eta, i)
+        h = lam[i + 1] - lam[i]
+        he = h * (1.0 + e)
+        a_t, s_t = alpha[i + 1], sigma[i + 1]
+        one_minus = -math.expm1(-he)  # 1 - e^{-he}
         k = min(order, i + 1)
         if order == 3 and i == n - 2 and n < 15:
             k = min(k, 2)
-        h = lam[i + 1] - lam[i]
-        a_t, s_t = alpha[i + 1], sigma[i + 1]
-        phi = math.expm1(-h)  # e^{-h} - 1
-        x = torch.mul(x, s_t / sigma[i]).add_(hist[-1], alpha=-a_t * phi)
-        if k >= 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            if k == 2:  # x -= 0.5 a_t phi (m0 - m1) / r0, without temporaries
-                c = 0.5 * a_t * phi / r0
-                x.add_(hist[-1], alpha=-c).add_(hist[-2], alpha=c)
-            else:
-                d1_0 = (hist[-1] - hist[-2]) / r0
-                r1 = (lam[i - 1] - lam[i - 2]) / h
-                d1_1 = (hist[-2] - hist[-3]) / r1
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = x + a_t * (phi / h + 1.0) * d1 - a_t * ((phi + h) / h**2 - 0.5) * d2
+        x = torch.mul(x, s_t / sigma[i] * math.exp(-e * h)).add_(x0, alpha=a_t * one_minus)
+        if k == 2:  # midpoint: x += 0.5 a_t (1 - e^{-he}) (D0 - D1) / r0, without temporaries
+            c = 0.5 * a_t * one_minus * h / (lam[i] - lam[i - 1])
+            x.add_(x0, alpha=c).add_(prev1, alpha=-c)
+        elif k == 3:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            g0 = (x0 - prev1) / r0
+            g1 = (prev1 - prev2) / r1
+            phi2 = 1.0 - one_minus / he
+            phi3 = phi2 / he - 0.5
+            x.add_(g0 + (r0 / (r0 + r1)) * (g0 - g1), alpha=a_t * phi2).add_(g0 - g1, alpha=-a_t * phi3 / (r0 + r1))
+        if e > 0:
+            x.add_(noise(x), alpha=s_t * math.sqrt(-math.expm1(-2.0 * e * h)))
+        prev1, prev2 = x0, prev1
     return x
 
 
-def dpm_sde(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule, order: int = 2,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """SDE-DPM-Solver++ (1S / 2M), data prediction (Lu et al. 2022b, sec. 5 and app. B; diffusers'
-    ``sde-dpmsolver++`` with the midpoint 2M correction):
+def _singlestep_update(model: Denoiser, x: torch.Tensor, t_s: float, t_t: float, k: int, algorithm: str
+                       ) -> torch.Tensor:
+    """One singlestep DPM-Solver(-++) update of order k from t_s to t_t (Lu et al. 2022a Alg. 1/2, 2022b Alg. 1).
 
-        x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) (D0 + D1 / 2) + sigma_t sqrt(1 - e^{-2h}) z
-
-    with D0 the newest x0 prediction, D1 = (D0 - previous) / r0 (order 2, from the second step), z ~ N(0, I).
-    Like DDPM it re-injects noise at every step, which corrects the model's errors instead of carrying them along
-    the trajectory, at the cost of needing more steps than the ODE solvers for the same discretisation error.
-    The last update (to sigma = 0) returns x0."""
-    if order not in (1, 2):
-        raise ValueError("dpm-sde order must be 1 or 2")
-    n = len(ts)
-    lam = schedule.lambda_(ts)
-    alpha, sigma = schedule.alpha_sigma(ts)
-    prev: torch.Tensor | None = None
-    for i, t in enumerate(ts):
-        x0, _ = pred(x, float(t))
-        if i == n - 1:
-            return x0
-        h = lam[i + 1] - lam[i]
-        a_t, s_t = alpha[i + 1], sigma[i + 1]
-        one_minus = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-        x = torch.mul(x, s_t / sigma[i] * math.exp(-h)).add_(x0, alpha=a_t * one_minus)
-        if order == 2 and prev is not None:
-            c = 0.5 * a_t * one_minus * h / (lam[i] - lam[i - 1])  # 0.5 alpha_t (1 - e^{-2h}) / r0
-            x.add_(x0, alpha=c).add_(prev, alpha=-c)
-        x.add_(_randn_like(x, generator), alpha=s_t * math.sqrt(one_minus))
-        prev = x0
-    return x
-
-
-def _singlestep_update(pred: Predictor, x: torch.Tensor, t_s: float, t_t: float, k: int, schedule: Schedule,
-                       algorithm: str) -> torch.Tensor:
-    """One singlestep DPM-Solver(-++) update of order k from t_s to t_t (Lu et al. 2022a Alg. 1/2, 2022b Alg. 1)."""
+    In both algorithms the first-order map from t_s to an intermediate point, with the model output m (x0 for
+    DPM-Solver++, eps for DPM-Solver), is ``first(tt, r h, m)``; the corrections use differences of m."""
+    sch = model.schedule
     r1, r2 = (0.5, None) if k == 2 else (1.0 / 3.0, 2.0 / 3.0)
-    lam_s, lam_t = (float(v) for v in schedule.lambda_([t_s, t_t]))
+    lam_s, lam_t = (float(v) for v in sch.lambda_([t_s, t_t]))
     h = lam_t - lam_s
-    ls = [lam_s + r1 * h] + ([lam_s + r2 * h] if k == 3 else [])
-    t_mid = [float(v) for v in schedule.t_of_lambda(ls)]
-    a = lambda tt: float(schedule.alpha_sigma(tt)[0])  # noqa: E731
-    s = lambda tt: float(schedule.alpha_sigma(tt)[1])  # noqa: E731
-    x0_s, eps_s = pred(x, t_s)
-    if algorithm == "dpmsolver++":
-        def first(tt: float, rh: float, m: torch.Tensor) -> torch.Tensor:
+    mids = [float(v) for v in sch.t_of_lambda([lam_s + r1 * h] + ([lam_s + r2 * h] if k == 3 else []))]
+    a = lambda tt: float(sch.alpha_sigma(tt)[0])  # noqa: E731
+    s = lambda tt: float(sch.alpha_sigma(tt)[1])  # noqa: E731
+    plus = algorithm == "dpmsolver++"
+    which = 0 if plus else 1  # index of the model output the algorithm works with: x0 (++) or eps
+
+    def first(tt: float, rh: float, m: torch.Tensor) -> torch.Tensor:
+        if plus:
             return (s(tt) / s(t_s)) * x - a(tt) * math.expm1(-rh) * m
+        return (a(tt) / a(t_s)) * x - s(tt) * math.expm1(rh) * m
 
-        if k == 1:
-            return first(t_t, h, x0_s)
-        u1 = first(t_mid[0], r1 * h, x0_s)
-        d1 = pred(u1, t_mid[0])[0] - x0_s
-        if k == 2:
-            return first(t_t, h, x0_s) - a(t_t) / (2 * r1) * math.expm1(-h) * d1
-        u2 = first(t_mid[1], r2 * h, x0_s) + a(t_mid[1]) * (r2 / r1) * (math.expm1(-r2 * h) / (r2 * h) + 1.0) * d1
-        d2 = pred(u2, t_mid[1])[0] - x0_s
-        return first(t_t, h, x0_s) + (a(t_t) / r2) * (math.expm1(-h) / h + 1.0) * d2
-    # "dpmsolver": noise prediction
-    def first_e(tt: float, rh: float, e: torch.Tensor) -> torch.Tensor:
-        return (a(tt) / a(t_s)) * x - s(tt) * math.expm1(rh) * e
-
+    # ++ works in e^{-h} with alpha, the noise form in e^{h} with sigma: sign and scale of the corrections
+    sign, sc = (-1.0, a) if plus else (1.0, s)
+    m_s = model(x, t_s)[which]
     if k == 1:
-        return first_e(t_t, h, eps_s)
-    u1 = first_e(t_mid[0], r1 * h, eps_s)
-    d1 = pred(u1, t_mid[0])[1] - eps_s
+        return first(t_t, h, m_s)
+    u1 = first(mids[0], r1 * h, m_s)
+    g1 = model(u1, mids[0])[which] - m_s
     if k == 2:
-        return first_e(t_t, h, eps_s) - s(t_t) / (2 * r1) * math.expm1(h) * d1
-    u2 = first_e(t_mid[1], r2 * h, eps_s) - s(t_mid[1]) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1.0) * d1
-    d2 = pred(u2, t_mid[1])[1] - eps_s
-    return first_e(t_t, h, eps_s) - (s(t_t) / r2) * (math.expm1(h) / h - 1.0) * d2
+        return first(t_t, h, m_s) - sc(t_t) / (2 * r1) * math.expm1(sign * h) * g1
+    phi = lambda rh: math.expm1(sign * rh) / rh - sign  # noqa: E731  (e^{-+rh} - 1) / rh -+ 1
+    u2 = first(mids[1], r2 * h, m_s) - sign * sc(mids[1]) * (r2 / r1) * phi(r2 * h) * g1
+    g2 = model(u2, mids[1])[which] - m_s
+    return first(t_t, h, m_s) - sign * (sc(t_t) / r2) * phi(h) * g2
 
 
 def singlestep_orders(steps: int, order: int) -> list[int]:
@@ -210,78 +232,132 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
     return ([r] if r else []) + [order] * q + [1]
 
 
-def dpm_singlestep(pred: Predictor, x: torch.Tensor, ts: np.ndarray, schedule: Schedule,
-                   orders: Sequence[int], algorithm: str = "dpmsolver++") -> torch.Tensor:
-    """Singlestep DPM-Solver of order 1-3 per segment between grid points; the last segment returns x0 at ts[-1]."""
+def sample_dpm_single(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None,
+                      orders: Sequence[int], algorithm: Literal["dpmsolver", "dpmsolver++"] = "dpmsolver++"
+                      ) -> torch.Tensor:
+    """Singlestep DPM-Solver of order 1-3 per segment between grid points (Lu et al. 2022a/b); the last segment
+    returns x0 at ts[-1]. Deterministic (``noise`` is unused)."""
     if algorithm not in ("dpmsolver", "dpmsolver++"):
         raise ValueError("algorithm must be 'dpmsolver' or 'dpmsolver++'")
-    if len(orders) != len(ts) or orders[-1] != 1:
-        raise ValueError("need one order per grid point, the last one 1")
+    if len(orders) != len(ts) or orders[-1] != 1 or any(k not in (1, 2, 3) for k in orders):
+        raise ValueError("need one order (1-3) per grid point, the last one 1")
     for i in range(len(ts) - 1):
-        x = _singlestep_update(pred, x, float(ts[i]), float(ts[i + 1]), orders[i], schedule, algorithm)
-    return pred(x, float(ts[-1]))[0]
+        x = _singlestep_update(model, x, float(ts[i]), float(ts[i + 1]), orders[i], algorithm)
+    return model(x, float(ts[-1]))[0]
 
 
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm", "dpm-sde", "dpm-single")
+# ---- registry and the one entry point ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What a method is: its default steps and grid, whether it draws noise, the orders it takes."""
+
+    name: str
+    default_steps: int
+    default_spacing: str
+    stochastic: bool
+    orders: tuple[int, ...] = ()
+    default_order: int | None = None
+    summary: str = ""
 
 
-def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = "dpm", steps: int | None = None,
-           eta: float = 0.0, generator: torch.Generator | None = None, *,
-           timesteps: Sequence[float] | np.ndarray | None = None, spacing: Spacing | None = None,
-           order: int | None = None, algorithm: Literal["dpmsolver", "dpmsolver++"] = "dpmsolver++",
-           clip_x0: float | None = 1.0, callback: Callback | None = None) -> torch.Tensor:
+SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
+    SamplerSpec("ddpm", 1000, "linspace", True, summary="ancestral DDPM (Ho et al. 2020), the paper's sampler"),
+    SamplerSpec("ddim", 50, "linspace", False, summary="DDIM (Song et al. 2021); --eta > 0 makes it stochastic"),
+    SamplerSpec("dpm", 20, "logSNR", False, (1, 2, 3), 2,
+                "DPM-Solver++ multistep (Lu et al. 2022b), the probability-flow ODE: deterministic"),
+    SamplerSpec("dpm-sde", 20, "logSNR", True, (1, 2, 3), 2,
+                "SDE-DPM-Solver++ multistep: re-injects noise like DDPM"),
+    SamplerSpec("dpm-single", 20, "logSNR", False, (1, 2, 3), 3,
+                "singlestep DPM-Solver (Lu et al. 2022a), the paper's fast sampler: deterministic"),
+)}
+SAMPLERS: tuple[str, ...] = tuple(SPECS)
+#: the sampler every entry point (library, CLI, benchmark) uses unless told otherwise
+DEFAULT_METHOD = "dpm-sde"
+DEFAULT_STEPS: dict[str, int] = {k: s.default_steps for k, s in SPECS.items()}
+
+
+def check_options(method: str, *, steps: int | None = None, eta: float | None = None, order: int | None = None,
+                  spacing: str | None = None, clip_x0: float | None = 1.0) -> SamplerSpec:
+    """Validate a sampler configuration before any compute; returns the method's spec. Raises ValueError naming
+    the option. (The grid itself is checked against the model's schedule when sampling.)"""
+    spec = SPECS.get(method)
+    if spec is None:
+        raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if eta is not None:
+        if method not in ("ddim", "dpm-sde"):
+            raise ValueError(f"{method} takes no eta (only ddim and dpm-sde are stochastic by eta)")
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if order is not None and order not in spec.orders:
+        raise ValueError(f"{method} takes no order" if not spec.orders else
+                         f"{method} takes order {', '.join(map(str, spec.orders))}, not {order}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+    if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0):
+        raise ValueError(f"clip_x0 must be a positive number or None, got {clip_x0!r}")
+    return spec
+
+
+def _grid(schedule: Schedule, steps: int, spacing: str, timesteps: Sequence[float] | np.ndarray | None
+          ) -> np.ndarray:
+    if timesteps is None:
+        return schedule.timesteps(steps, spacing)  # type: ignore[arg-type]
+    ts = np.asarray(timesteps, dtype=np.float64)
+    if ts.ndim != 1 or len(ts) == 0 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0):
+        raise ValueError("timesteps must be a non-empty strictly decreasing sequence of finite numbers")
+    if ts[0] > schedule.num_timesteps - 1 or ts[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}]")
+    return ts
+
+
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = DEFAULT_METHOD,
+           steps: int | None = None, eta: float | None = None, generator: torch.Generator | None = None, *,
+           noise: NoiseSampler | None = None, timesteps: Sequence[float] | np.ndarray | None = None,
+           spacing: Spacing | None = None, order: int | None = None,
+           algorithm: Literal["dpmsolver", "dpmsolver++"] = "dpmsolver++", clip_x0: float | None = 1.0,
+           callback: Callback | None = None) -> torch.Tensor:
     """Draw x0 from the reverse process starting at x_T.
 
     Args:
-        eps_fn: noise predictor, see module docstring.
-        x_T: [B, C, H, W] starting noise (standard normal), float32 (or float64 for tests).
+        eps_fn: noise predictor, see the module docstring.
+        x_T: starting noise (standard normal), float32 (or float64 for tests); [B, C, H, W] or any shape with the
+            batch first.
         schedule: the schedule the model was trained with.
-        method: "ddpm" | "ddim" | "dpm" (DPM-Solver++ multistep, ODE) | "dpm-sde" (SDE-DPM-Solver++ multistep,
-            stochastic) | "dpm-single" (singlestep DPM-Solver).
-        steps: model evaluations (default per method: ddpm 1000, ddim 50, dpm 20, dpm-sde 20, dpm-single 20).
-        eta: DDIM stochasticity in [0, 1] (0 = deterministic).
-        generator: source of all noise drawn during sampling (ddpm, dpm-sde, ddim with eta > 0).
+        method: one of ``SAMPLERS`` (default ``DEFAULT_METHOD``); see ``SPECS`` for each one's summary.
+        steps: model evaluations (default per method: ``DEFAULT_STEPS``).
+        eta: stochasticity in [0, 1]: DDIM's eta (default 0) and dpm-sde's (default 1; 0 would be the ODE); other
+            methods refuse it.
+        generator: source of the noise drawn during sampling (stochastic methods), unless ``noise`` is given.
+        noise: a NoiseSampler (overrides ``generator``).
         timesteps: explicit decreasing grid (training units) overriding ``steps``/``spacing``.
-        spacing: grid spacing, see Schedule.timesteps (default: linspace for ddpm/ddim, logSNR for dpm solvers).
-        order: solver order (dpm: 1-3, default 2; dpm-sde: 1-2, default 2; dpm-single: 1-3, default 3).
+        spacing: grid spacing, see Schedule.timesteps (default per method).
+        order: solver order (dpm, dpm-sde: 1-3, default 2; dpm-single: 1-3, default 3).
         algorithm: dpm-single only: "dpmsolver++" (data prediction, default) or "dpmsolver" (noise prediction).
         clip_x0: static clamp of the x0 prediction, or None.
         callback: called as callback(evaluations_done, evaluations_total) after every model evaluation.
     Returns:
         x0 with the shape and dtype (fp32 / fp64) of x_T.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError("eta must be in [0, 1]")
+    spec = check_options(method, steps=steps, eta=eta, order=order, spacing=spacing, clip_x0=clip_x0)
     x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))
-    sp = spacing or DEFAULT_SPACING[method]
-    if method == "dpm-single":
-        k = order or 3
-        if k not in (1, 2, 3):
-            raise ValueError("dpm-single order must be 1, 2 or 3")
-        if timesteps is not None:
-            ts = np.asarray(timesteps, dtype=np.float64)
-            orders = [k] * (len(ts) - 1) + [1]
-        else:
-            n = steps or DEFAULT_STEPS[method]
-            orders = singlestep_orders(n, k)
-            ts = schedule.timesteps(len(orders), sp)
-        pred = Predictor(eps_fn, schedule, clip_x0, sum(orders), callback)
-        return dpm_singlestep(pred, x, ts, schedule, orders, algorithm)
-    if timesteps is not None:
-        ts = np.asarray(timesteps, dtype=np.float64)
-        if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0):
-            raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
-        if ts[0] > schedule.num_timesteps - 1 or ts[-1] < 0:
-            raise ValueError(f"timesteps must lie in [0, {schedule.num_timesteps - 1}]")
+    noise = noise or gaussian_noise(generator)
+    k = order or spec.default_order
+    if method == "dpm-single" and timesteps is None:
+        orders = singlestep_orders(steps or spec.default_steps, int(k))  # type: ignore[arg-type]
+        ts = _grid(schedule, len(orders), spacing or spec.default_spacing, None)
     else:
-        ts = schedule.timesteps(steps or DEFAULT_STEPS[method], sp)
-    pred = Predictor(eps_fn, schedule, clip_x0, len(ts), callback)
+        ts = _grid(schedule, steps or spec.default_steps, spacing or spec.default_spacing, timesteps)
+        orders = [int(k)] * (len(ts) - 1) + [1] if method == "dpm-single" else []  # type: ignore[arg-type]
+    total = sum(orders) if method == "dpm-single" else len(ts)
+    model = Denoiser(eps_fn, schedule, clip_x0=clip_x0, callback=callback, total=total)
     if method == "ddpm":
-        return ddpm(pred, x, ts, schedule, generator)
+        return sample_ddpm(model, x, ts, noise=noise)
     if method == "ddim":
-        return ddim(pred, x, ts, schedule, eta, generator)
-    if method == "dpm-sde":
-        return dpm_sde(pred, x, ts, schedule, order or 2, generator)
-    return dpm_multistep(pred, x, ts, schedule, order or 2)
+        return sample_ddim(model, x, ts, noise=noise, eta=eta or 0.0)
+    if method == "dpm-single":
+        return sample_dpm_single(model, x, ts, noise=noise, orders=orders, algorithm=algorithm)
+    return sample_dpmpp(model, x, ts, noise=noise, order=int(k),  # type: ignore[arg-type]
+                        eta=0.0 if method == "dpm" else (1.0 if eta is None else eta))

@@ -1,15 +1,24 @@
 """The tiler: the only place that knows both patches and images.
 
-It turns a patch backend (eps for a batch of P x P patches) into an ``eps_fn(x, t)`` over a whole canvas of any
-size >= 1 pixel:
+It turns a patch backend (eps for a batch of P x P patches) into an ``eps_fn(x, t)`` over whole canvases of any
+size >= 1 pixel, fused at every sampler step. Two grids:
 
-- a patch grid per axis with a configurable stride whose last patch ends exactly at the border (no padding for
-  sides >= P; sides < P are padded by reflection to P and cropped back);
-- patches evaluated in batches of up to ``batch_size``;
-- eps fused at every step with a separable window (Hann, linear ramp or uniform) normalised so that the weights of
-  the patches covering each pixel sum to one; the fusion is a deterministic scatter (no atomics race: within one
-  ``index_add_`` no two patches overlap);
-- the sRGB condition unfolded once per image and cached in the backend's input dtype.
+- **overlap** (the classic): patches every ``stride`` pixels, the last one ending exactly at the border; eps fused
+  with a separable window (Hann, linear ramp or uniform) normalised so that the weights covering each pixel sum to
+  one; a deterministic scatter (no atomics race: within one ``index_add_`` no two patches overlap). Sides < P are
+  padded by reflection to P and cropped back. The sRGB condition is unfolded once per image.
+- **shifted**: patches without overlap (stride = P), the whole grid moved by a different offset at every model
+  evaluation, so that patch borders never stay in one place and no seam can build up; the canvas is padded by
+  reflection where the moved grid overhangs. Each pixel is in exactly one patch per evaluation: about
+  (P / stride)^2 fewer patches than the overlap grid (1.8x fewer at stride 48). The offsets follow the R2
+  low-discrepancy sequence (Roberts 2018), started at a point set by ``grid_seed``, so they are spread evenly over
+  the P x P cell in few steps and are the same for the same seed. ``overlap_last`` evaluations at the end can
+  use the overlap grid.
+
+Several canvases, of different sizes, can be denoised together: their patches share backend calls (small images
+fill one batch together), while each canvas keeps its own values. They travel through the sampler *packed*: one
+flat tensor [1, L] holding every canvas back to back (:class:`CanvasPack`). The samplers' arithmetic is
+elementwise, so a packed canvas is updated exactly as it would be alone.
 
 The paper's protocol (independent patches, each with its own trajectory, merged only at the end) is
 ``sample_independent``.
@@ -18,29 +27,45 @@ The paper's protocol (independent patches, each with its own trajectory, merged 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .samplers import sample
 
-__all__ = ["TileConfig", "PatchGrid", "TiledDenoiser", "GraphedDenoiser", "grid_starts", "window_1d",
-           "sample_independent", "WINDOWS"]
+__all__ = ["GRIDS", "WINDOWS", "CanvasPack", "GraphedDenoiser", "NonFiniteOutputError", "PatchGrid",
+           "ShiftedGrid", "TileConfig", "TiledDenoiser", "grid_offset", "grid_starts", "sample_independent",
+           "window_1d"]
 
 Window = Literal["hann", "linear", "uniform"]
+Grid = Literal["overlap", "shifted"]
 WINDOWS: tuple[str, ...] = ("hann", "linear", "uniform")
+GRIDS: tuple[str, ...] = ("overlap", "shifted")
 PatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: the R2 sequence's generator: 1 / g with g the plastic number, the real root of g^3 = g + 1
+_R2 = (1.0 / 1.3247179572447458, 1.0 / 1.3247179572447458 ** 2)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model returned NaN or infinite values (a broken model file, or a numerical overflow)."""
 
 
 @dataclass(frozen=True)
 class TileConfig:
     """Patch geometry and batching.
 
-    patch_size: P, pixels (the model's training patch: 64). stride: pixels between patch starts, 1..P
-    (P = no overlap). window: blending window. batch_size: patches per backend call (>= 1).
-    merge: "step" (fuse eps at every sampler step) or "end" (paper: independent patches merged at the end).
+    Attributes:
+        patch_size: P, pixels (the model's training patch: 64), a multiple of 8.
+        stride: pixels between patch starts on the overlap grid, 1..P (P = no overlap).
+        window: blending window of the overlap grid.
+        batch_size: patches per backend call (>= 1).
+        merge: "step" (fuse eps at every sampler step) or "end" (paper: independent patches merged at the end).
+        grid: "overlap" or "shifted" (see the module docstring); step fusion only.
+        grid_seed: where the shifted grid's offset sequence starts (any int >= 0).
+        overlap_last: shifted grid only: the last ``overlap_last`` model evaluations use the overlap grid.
     """
 
     patch_size: int = 64
@@ -48,6 +73,9 @@ class TileConfig:
     window: Window = "hann"
     batch_size: int = 256
     merge: Literal["step", "end"] = "step"
+    grid: Grid = "overlap"
+    grid_seed: int = 0
+    overlap_last: int = 0
 
     def __post_init__(self) -> None:
         if self.patch_size < 8 or self.patch_size % 8:
@@ -60,6 +88,12 @@ class TileConfig:
             raise ValueError("batch_size must be >= 1")
         if self.merge not in ("step", "end"):
             raise ValueError("merge must be 'step' or 'end'")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown grid {self.grid!r}; choose from {', '.join(GRIDS)}")
+        if self.grid == "shifted" and self.merge != "step":
+            raise ValueError("the shifted grid is a step-fusion grid (merge='step')")
+        if self.grid_seed < 0 or self.overlap_last < 0:
+            raise ValueError("grid_seed and overlap_last must be >= 0")
 
 
 def grid_starts(length: int, patch: int, stride: int) -> np.ndarray:
@@ -69,6 +103,13 @@ def grid_starts(length: int, patch: int, stride: int) -> np.ndarray:
     n = math.ceil((length - patch) / stride) + 1
     starts = np.minimum(np.arange(n) * stride, length - patch)
     return np.unique(starts)
+
+
+def grid_offset(k: int, patch: int, seed: int = 0) -> tuple[int, int]:
+    """The shifted grid's (row, column) offset, 0..patch-1 each, at model evaluation ``k`` (R2 sequence)."""
+    u = (0.5 + (seed + k) * _R2[0]) % 1.0
+    v = (0.5 + (seed + k) * _R2[1]) % 1.0
+    return int(u * patch), int(v * patch)
 
 
 def window_1d(kind: Window, patch: int) -> np.ndarray:
@@ -86,13 +127,12 @@ def window_1d(kind: Window, patch: int) -> np.ndarray:
     raise ValueError(f"unknown window {kind!r}")
 
 
-def _reflect_index(length: int, size: int) -> np.ndarray:
-    """Indices 0..size-1 folded into 0..length-1 by reflection (without repeating the edge pixel)."""
-    idx = np.arange(size)
+def _reflect_index(length: int, indices: np.ndarray) -> np.ndarray:
+    """Any integer indices (negative or >= length too) folded into 0..length-1 by reflection (edge not repeated)."""
     if length == 1:
-        return np.zeros(size, dtype=np.int64)
+        return np.zeros(len(indices), dtype=np.int64)
     period = 2 * (length - 1)
-    m = idx % period
+    m = np.mod(indices, period)
     return np.where(m < length, m, period - m).astype(np.int64)
 
 
@@ -105,11 +145,11 @@ def _min_separation_classes(starts: np.ndarray, patch: int) -> int:
 
 
 class PatchGrid:
-    """Geometry of one canvas: patch starts, normalised separable weights, gather / fused-scatter operations.
+    """The overlap grid of one canvas: patch starts, normalised separable weights, gather / fused scatter.
 
     Args:
         height, width: canvas size in pixels (>= 1).
-        config: TileConfig.
+        config: TileConfig (patch_size, stride, window).
         device: where index and weight tensors live.
     """
 
@@ -130,8 +170,8 @@ class PatchGrid:
         self.rows = torch.as_tensor(self.ys, device=self.device)[:, None] + ar  # [ny, P]
         self.cols = torch.as_tensor(self.xs, device=self.device)[:, None] + ar  # [nx, P]
         self.col_classes = _min_separation_classes(self.xs, P)
-        self.pad_rows = torch.as_tensor(_reflect_index(height, self.padded_height), device=self.device)
-        self.pad_cols = torch.as_tensor(_reflect_index(width, self.padded_width), device=self.device)
+        self.pad_rows = torch.as_tensor(_reflect_index(height, np.arange(self.padded_height)), device=self.device)
+        self.pad_cols = torch.as_tensor(_reflect_index(width, np.arange(self.padded_width)), device=self.device)
 
     def _normalised(self, starts: np.ndarray, length: int, w: np.ndarray) -> torch.Tensor:
         P = len(w)
@@ -188,66 +228,240 @@ class PatchGrid:
             k += j1 - j0
 
 
+class ShiftedGrid:
+    """A non-overlapping grid of P x P patches moved by (oy, ox): patch (i, j) covers rows i P - oy .. and columns
+    j P - ox ..; the canvas is reflected where the grid overhangs it. Every pixel is in exactly one patch.
+
+    Args:
+        height, width: canvas size in pixels (>= 1).
+        patch: P.
+        offset: (oy, ox), each in 0..P-1.
+        device: where the index tensors live.
+    """
+
+    def __init__(self, height: int, width: int, patch: int, offset: tuple[int, int],
+                 device: torch.device | str = "cpu") -> None:
+        oy, ox = offset
+        if not (0 <= oy < patch and 0 <= ox < patch):
+            raise ValueError(f"offset {offset} outside 0..{patch - 1}")
+        self.height, self.width, self.patch, self.offset = height, width, patch, (oy, ox)
+        self.device = torch.device(device)
+        self.ny, self.nx = -(-(height + oy) // patch), -(-(width + ox) // patch)
+        rows = _reflect_index(height, np.arange(self.ny * patch) - oy)
+        cols = _reflect_index(width, np.arange(self.nx * patch) - ox)
+        self.rows = torch.as_tensor(rows, device=self.device)
+        self.cols = torch.as_tensor(cols, device=self.device)
+
+    @property
+    def num_patches(self) -> int:
+        return self.ny * self.nx
+
+    def gather_all(self, canvas: torch.Tensor) -> torch.Tensor:
+        """[C, H, W] -> every patch, row-major, as a view-backed [n, C, P, P] tensor (one padded copy)."""
+        P, C = self.patch, canvas.shape[0]
+        padded = canvas[:, self.rows][:, :, self.cols]  # [C, ny P, nx P]
+        return padded.view(C, self.ny, P, self.nx, P).permute(1, 3, 0, 2, 4).reshape(self.num_patches, C, P, P)
+
+    def merge(self, patches: torch.Tensor) -> torch.Tensor:
+        """Every patch [n, C, P, P] (row-major) -> the canvas [C, H, W] they tile (the overhang dropped)."""
+        P, C = self.patch, patches.shape[1]
+        full = patches.view(self.ny, self.nx, C, P, P).permute(2, 0, 3, 1, 4).reshape(C, self.ny * P, self.nx * P)
+        oy, ox = self.offset
+        return full[:, oy:oy + self.height, ox:ox + self.width]
+
+
+class CanvasPack:
+    """Several canvases [C, H_i, W_i] back to back in one flat tensor [1, L] (L = sum of C H_i W_i).
+
+    The samplers' update is elementwise, so a pack is advanced exactly as each canvas would be alone.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int, int]]) -> None:
+        if not shapes:
+            raise ValueError("a pack needs at least one canvas")
+        self.shapes = [tuple(int(v) for v in s) for s in shapes]
+        sizes = [c * h * w for c, h, w in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @property
+    def numel(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def pack(self, canvases: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[C, H_i, W_i] tensors (or [1, C, H_i, W_i]) -> [1, L]."""
+        if len(canvases) != len(self.shapes):
+            raise ValueError(f"{len(canvases)} canvases for a pack of {len(self.shapes)}")
+        flat = []
+        for c, shape in zip(canvases, self.shapes):
+            c = c.reshape(c.shape[-3:]) if c.dim() == 4 else c
+            if tuple(c.shape) != shape:
+                raise ValueError(f"canvas {tuple(c.shape)} does not match the pack's {shape}")
+            flat.append(c.reshape(-1))
+        return torch.cat(flat)[None]
+
+    def unpack(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[1, L] -> views [C, H_i, W_i] into it."""
+        if tuple(x.shape) != (1, self.numel):
+            raise ValueError(f"packed tensor {tuple(x.shape)} does not match the pack's (1, {self.numel})")
+        flat = x[0]
+        return [flat[int(a):int(b)].view(s) for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
+
+
 class TiledDenoiser:
-    """eps over a whole canvas from a patch backend, fused at every step.
+    """eps over whole canvases from a patch backend, fused at every step (see the module docstring).
 
     Args:
         patch_fn: backend-like callable (x_t [N,3,P,P], cond [N,3,P,P], t [N]) -> eps [N,3,P,P] float32;
             ``input_dtype`` / ``device`` attributes are honoured when present.
-        cond: [B, 3, H, W] sRGB condition in [-1, 1] (B canvases of one size).
-        config: TileConfig.
-    Calling it as ``eps_fn(x, t)`` with x [B, 3, H, W] and t [B] returns eps [B, 3, H, W] (float32).
+        cond: the sRGB condition in [-1, 1]: a tensor [B, 3, H, W] (B canvases of one size) or a sequence of
+            [3, H_i, W_i] tensors (canvases of any sizes).
+        config: TileConfig (merge must be "step").
+
+    Calling it as ``eps_fn(x, t)`` takes either x [B, 3, H, W] with t [B] (canvases of one size), or the packed
+    form x [1, L] (``self.pack``) with t [1], and returns eps in the same layout (float32). Patches of all canvases
+    share backend calls of up to ``batch_size`` patches. ``nonfinite`` is a device flag set (without a host
+    synchronisation) when the backend returned NaN or inf; ``check_finite`` raises NonFiniteOutputError then.
     """
 
-    def __init__(self, patch_fn: PatchFn, cond: torch.Tensor, config: TileConfig | None = None) -> None:
+    def __init__(self, patch_fn: PatchFn, cond: torch.Tensor | Sequence[torch.Tensor],
+                 config: TileConfig | None = None) -> None:
         self.patch_fn = patch_fn
         self.config = config or TileConfig()
-        self.device = torch.device(getattr(patch_fn, "device", cond.device))
+        if self.config.merge != "step":
+            raise ValueError("a TiledDenoiser fuses at every step (merge='step'); use sample_independent")
+        conds = list(cond) if not isinstance(cond, torch.Tensor) else list(cond.unbind(0))
+        if not conds:
+            raise ValueError("no canvas to denoise")
+        self.device = torch.device(getattr(patch_fn, "device", conds[0].device))
         self.input_dtype = getattr(patch_fn, "input_dtype", torch.float32)
-        b, _, h, w = cond.shape
-        self.grid = PatchGrid(h, w, self.config, self.device)
-        self.cond_patches = [self._unfold(c) for c in cond]
+        self.pack = CanvasPack([tuple(c.shape) for c in conds])
+        self.grids = [PatchGrid(c.shape[1], c.shape[2], self.config, self.device) for c in conds]
+        self.cond_patches = [self._unfold(g, c) for g, c in zip(self.grids, conds)]  # overlap grid, once
+        self.conds = [c.to(self.device, self.input_dtype) for c in conds] if self.config.grid == "shifted" else []
+        self.calls = 0
+        self.total_calls: int | None = None  # set by the caller when known (for ``overlap_last``)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
 
-    def _unfold(self, canvas: torch.Tensor) -> torch.Tensor:
+    def _unfold(self, g: PatchGrid, canvas: torch.Tensor) -> torch.Tensor:
         """The condition is unfolded once per image, in the backend's input dtype: [N, 3, P, P]."""
-        g = self.grid
         return g.gather(g.pad(canvas.to(self.device)), 0, g.num_patches).to(self.input_dtype).contiguous()
 
     @property
     def num_patches(self) -> int:
-        return self.grid.num_patches
+        """Patches per model evaluation over all canvases (the overlap grid's, or the shifted grid's at offset 0
+        when the grid is shifted; it varies by one row or column with the offset)."""
+        if self.config.grid == "shifted":
+            P = self.config.patch_size
+            return sum(-(-g.height // P) * -(-g.width // P) for g in self.grids)
+        return sum(g.num_patches for g in self.grids)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int, int]:
-        """[B, 3, H, W] of the canvases this denoiser takes."""
-        return len(self.cond_patches), 3, self.grid.height, self.grid.width
+        """[B, 3, H, W] of same-sized canvases (the unpacked layout)."""
+        shapes = set(self.pack.shapes)
+        if len(shapes) != 1:
+            raise ValueError("canvases of several sizes have no common [B, 3, H, W] shape; use the packed form")
+        c, h, w = self.pack.shapes[0]
+        return len(self.pack.shapes), c, h, w
 
     def set_condition(self, cond: torch.Tensor) -> None:
         """Swap in the condition of new images of the same size, in place (the buffers keep their addresses, so
         a recorded CUDA graph sees the new images)."""
         if tuple(cond.shape) != self.canvas_shape:
             raise ValueError(f"condition {tuple(cond.shape)} does not match this denoiser's {self.canvas_shape}")
-        for buf, c in zip(self.cond_patches, cond):
-            buf.copy_(self._unfold(c))
+        for g, buf, c in zip(self.grids, self.cond_patches, cond):
+            buf.copy_(self._unfold(g, c))
+        for buf, c in zip(self.conds, cond):
+            buf.copy_(c)
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteOutputError if any backend call so far returned NaN or inf (one host synchronisation)."""
+        if bool(self.nonfinite):
+            raise NonFiniteOutputError("the model returned NaN or infinite values (a broken model file, or a "
+                                       "numerical overflow in this precision)")
+
+    def _shifted_now(self) -> bool:
+        if self.config.grid != "shifted":
+            return False
+        last = self.config.overlap_last
+        return not (last and self.total_calls is not None and self.calls >= self.total_calls - last)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        g, bs = self.grid, self.config.batch_size
-        unpadded = (g.padded_height, g.padded_width) == (g.height, g.width)
-        out = None if unpadded and x.shape[0] == 1 and x.device == self.device else torch.empty(
-            x.shape, dtype=torch.float32, device=x.device)
-        for b in range(x.shape[0]):
-            canvas = g.pad(x[b].to(self.device, torch.float32))
-            acc = torch.zeros(canvas.shape, dtype=torch.float32, device=self.device)
-            for k0 in range(0, g.num_patches, bs):
-                k1 = min(k0 + bs, g.num_patches)
-                xp = g.gather(canvas, k0, k1)
-                tt = t[b].to(self.device, torch.float32).expand(k1 - k0)
-                eps = self.patch_fn(xp, self.cond_patches[b][k0:k1], tt)
-                g.scatter(acc, eps.float(), k0)
-            if out is None:  # one canvas, no padding: the accumulator is the result (saves a canvas copy)
-                return acc[None]
-            out[b] = g.crop(acc).to(x.device)
-        return out
+        packed = x.dim() == 2
+        canvases = self.pack.unpack(x) if packed else list(x.unbind(0))
+        if not packed and tuple(x.shape) != self.canvas_shape:
+            raise ValueError(f"canvas {tuple(x.shape)} does not match this denoiser's {self.canvas_shape}")
+        times = [t.reshape(-1)[0]] * len(canvases) if packed else list(t.reshape(-1))
+        if self._shifted_now():
+            out = self._shifted(canvases, times)
+        else:
+            out = self._overlap(canvases, times)
+        self.calls += 1
+        return self.pack.pack(out).to(x.device) if packed else torch.stack(out).to(x.device)
+
+    def _run(self, xp: torch.Tensor, cp: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        eps = self.patch_fn(xp, cp, tb).float()
+        bad = ~torch.isfinite(eps).all()
+        if self.device.type == "cpu":
+            if bool(bad):  # free to check at once on the CPU: fail before more compute
+                self.nonfinite.fill_(True)
+                self.check_finite()
+        else:
+            self.nonfinite |= bad
+        return eps
+
+    def _batches(self, counts: Sequence[int]) -> list[list[tuple[int, int, int]]]:
+        """Backend calls over the canvases' patches: lists of (canvas, first patch, stop) segments, each list
+        holding at most ``batch_size`` patches, canvases in order."""
+        bs = self.config.batch_size
+        calls: list[list[tuple[int, int, int]]] = [[]]
+        room = bs
+        for ci, n in enumerate(counts):
+            k = 0
+            while k < n:
+                take = min(room, n - k)
+                calls[-1].append((ci, k, k + take))
+                k += take
+                room -= take
+                if room == 0:
+                    calls.append([])
+                    room = bs
+        return [c for c in calls if c]
+
+    def _overlap(self, canvases: list[torch.Tensor], times: list[torch.Tensor]) -> list[torch.Tensor]:
+        padded = [g.pad(c.to(self.device, torch.float32)) for g, c in zip(self.grids, canvases)]
+        accs = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in padded]
+        for segs in self._batches([g.num_patches for g in self.grids]):
+            xp = torch.cat([self.grids[ci].gather(padded[ci], a, b) for ci, a, b in segs])
+            cp = torch.cat([self.cond_patches[ci][a:b] for ci, a, b in segs])
+            tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
+            eps = self._run(xp, cp, tb)
+            k = 0
+            for ci, a, b in segs:
+                self.grids[ci].scatter(accs[ci], eps[k:k + b - a], a)
+                k += b - a
+        return [g.crop(acc) for g, acc in zip(self.grids, accs)]
+
+    def _shifted(self, canvases: list[torch.Tensor], times: list[torch.Tensor]) -> list[torch.Tensor]:
+        P = self.config.patch_size
+        offset = grid_offset(self.calls, P, self.config.grid_seed)
+        grids = [ShiftedGrid(g.height, g.width, P, offset, self.device) for g in self.grids]
+        xs = [gr.gather_all(c.to(self.device, torch.float32)) for gr, c in zip(grids, canvases)]
+        cs = [gr.gather_all(c) for gr, c in zip(grids, self.conds)]
+        outs = [torch.empty(p.shape, dtype=torch.float32, device=self.device) for p in xs]
+        for segs in self._batches([gr.num_patches for gr in grids]):
+            xp = torch.cat([xs[ci][a:b] for ci, a, b in segs]).contiguous()
+            cp = torch.cat([cs[ci][a:b] for ci, a, b in segs]).contiguous()
+            tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
+            eps = self._run(xp, cp, tb)
+            k = 0
+            for ci, a, b in segs:
+                outs[ci][a:b] = eps[k:k + b - a]
+                k += b - a
+        return [gr.merge(o) for gr, o in zip(grids, outs)]
 
 
 class GraphedDenoiser:
@@ -255,7 +469,8 @@ class GraphedDenoiser:
 
     One replay runs what a sampler step needs from the model: gather every patch of the canvas, every batch through
     the U-Net, the windowed fusion. Python, kernel launches and the tiler's small index kernels leave the loop; the
-    host only copies x and t in and launches one graph. Needs a ``capturable`` backend on CUDA (the torch backend).
+    host only copies x and t in and launches one graph. Needs a ``capturable`` backend on CUDA (the torch backend)
+    and the overlap grid (the shifted grid changes its geometry at every call).
 
     The graph is recorded at the first call (after ``warmup`` eager evaluations on a side stream, which also run
     torch.compile and cuDNN's autotuning); it holds its intermediates in a private memory pool for its lifetime.
@@ -269,6 +484,8 @@ class GraphedDenoiser:
     def __init__(self, denoiser: TiledDenoiser, warmup: int = 2) -> None:
         if denoiser.device.type != "cuda" or not getattr(denoiser.patch_fn, "capturable", False):
             raise ValueError("a graphed denoiser needs a capturable backend on a CUDA device")
+        if denoiser.config.grid != "overlap":
+            raise ValueError("a graphed denoiser needs the overlap grid (the shifted grid moves at every step)")
         if warmup < 1:
             raise ValueError("warmup must be >= 1")
         self.denoiser, self.warmup = denoiser, warmup
@@ -285,6 +502,13 @@ class GraphedDenoiser:
     @property
     def canvas_shape(self) -> tuple[int, int, int, int]:
         return self.denoiser.canvas_shape
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        return self.denoiser.nonfinite
+
+    def check_finite(self) -> None:
+        self.denoiser.check_finite()
 
     def set_condition(self, cond: torch.Tensor) -> None:
         """See TiledDenoiser.set_condition."""
@@ -334,7 +558,7 @@ def sample_independent(patch_fn: PatchFn, cond: torch.Tensor, schedule: Any, con
         **sampler_kwargs: passed to ``samplers.sample`` (method, steps, eta, ...).
     Returns x0 [1, 3, H, W] float32, the window-weighted merge of the per-patch results.
     """
-    config = config or TileConfig(stride=64)
+    config = config or TileConfig(stride=64, merge="end")
     device = torch.device(getattr(patch_fn, "device", cond.device))
     in_dtype = getattr(patch_fn, "input_dtype", torch.float32)
     if cond.shape[0] != 1:
@@ -350,7 +574,10 @@ def sample_independent(patch_fn: PatchFn, cond: torch.Tensor, schedule: Any, con
         x_T = torch.randn((k1 - k0, 3, P, P), generator=generator, device=gen_device).to(device)
 
         def eps_fn(x: torch.Tensor, t: torch.Tensor, cp: torch.Tensor = cp) -> torch.Tensor:
-            return patch_fn(x, cp, t.to(device).expand(x.shape[0]))
+            eps = patch_fn(x, cp, t.to(device).expand(x.shape[0])).float()
+            if not bool(torch.isfinite(eps).all()):
+                raise NonFiniteOutputError("the model returned NaN or infinite values")
+            return eps
 
         x0 = sample(eps_fn, x_T, schedule, generator=generator, **sampler_kwargs)
         g.scatter(acc, x0.float(), k0)

@@ -396,12 +396,13 @@ def test_bad_checkpoint(kind: str, photos: Path, ckpt: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
-                                                   (signal.SIGTERM, 143, "terminated")])
+                                                   (signal.SIGTERM, 143, "terminated"),
+                                                   (signal.SIGHUP, 129, "hung up")])
 def test_signal_mid_run(sig: int, code: int, word: str, ckpt: Path, tmp_path: Path,
                         out_with_keeper: tuple[Path, Path, bytes]) -> None:
     out, keeper, kept = out_with_keeper
     src = _photo(tmp_path / "large.png", 256, 320)
-    cmd = [*_exe(), str(src), "--ckpt", str(ckpt), "--steps", "500", "-o", str(out)]
+    cmd = [*_exe(), str(src), "--ckpt", str(ckpt), "--steps", "500", "-o", str(out), "--progress"]
     # a shell without job control starts background jobs with SIGINT ignored; give the child the default back
     # (no other thread of ours runs yet, so preexec_fn is safe here)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -168,11 +168,12 @@ def test_same_seed_same_output_and_clamp(method: str) -> None:
     def wild(x, t):  # an eps model whose x0 prediction leaves [-1, 1]
         return -3.0 * torch.ones_like(x)
 
-    outs = [sample(wild, x_T, SCH, method, 25, eta=0.5, generator=torch.Generator().manual_seed(7))
+    eta = 0.5 if method in ("ddim", "dpm-sde") else None
+    outs = [sample(wild, x_T, SCH, method, 25, eta=eta, generator=torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert torch.equal(outs[0], outs[1])
     assert outs[0].abs().max() <= 1.0 + 1e-6
-    free = sample(wild, x_T, SCH, method, 25, eta=0.5, generator=torch.Generator().manual_seed(7), clip_x0=None)
+    free = sample(wild, x_T, SCH, method, 25, eta=eta, generator=torch.Generator().manual_seed(7), clip_x0=None)
     assert free.abs().max() > 1.0
 
 
@@ -196,6 +197,12 @@ def test_bad_arguments() -> None:
         sample(oracle_eps(MU, S), x, SCH, "ddim", 10, eta=2.0)
     with pytest.raises(ValueError):
         sample(oracle_eps(MU, S), x, SCH, "dpm", timesteps=[0, 10])
+    with pytest.raises(ValueError, match="decreasing"):  # dpm-single validates explicit grids too
+        sample(oracle_eps(MU, S), x, SCH, "dpm-single", timesteps=[0, 10, 20])
+    with pytest.raises(ValueError, match="takes no eta"):  # the ODE solver stays deterministic
+        sample(oracle_eps(MU, S), x, SCH, "dpm", 10, eta=0.5)
+    with pytest.raises(ValueError, match="order"):
+        sample(oracle_eps(MU, S), x, SCH, "ddim", 10, order=2)
 
 
 # ---- peer check against diffusers ------------------------------------------------------------------------------

@@ -90,6 +90,30 @@ class Backend(ABC):
             raise BackendError(f"batch of {n} exceeds the backend's maximum {self.max_batch_size}")
         return self.infer(x_t, cond, t)
 
+    def self_test(self) -> None:
+        """One patch through the model before any image is computed: a model file that returns the wrong shape or
+        non-finite values is refused here (BackendError, one line), not after a whole image of compute."""
+        p, n = self.patch_size, 1
+        x = torch.zeros((n, 3, p, p), device=self.device, dtype=torch.float32)
+        t = torch.full((n,), self.meta.schedule.num_timesteps / 2, device=self.device, dtype=torch.float32)
+        try:
+            eps = self._probe(x, x.clone(), t)
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the runtime raises: one line
+            raise BackendError(f"{self.describe()}: the model fails on one {p}x{p} patch "
+                               f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                               ) from None
+        if tuple(eps.shape) != (n, 3, p, p):
+            raise BackendError(f"{self.describe()}: the model returns {tuple(eps.shape)} for a batch of shape "
+                               f"{(n, 3, p, p)}; not a rawdiff eps-model")
+        if not bool(torch.isfinite(eps).all()):
+            raise BackendError(f"{self.describe()}: the model returns NaN or infinite values")
+
+    def _probe(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """How ``self_test`` runs its patch (backends may take a cheaper path than ``infer``)."""
+        return self(x_t, cond, t)
+
     def close(self) -> None:
         """Release device resources (idempotent)."""
 

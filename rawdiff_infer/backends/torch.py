@@ -135,6 +135,11 @@ class TorchBackend(Backend):
         self._graph.replay()
         return so[:n].clone()
 
+    @torch.inference_mode()
+    def _probe(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The eager module (no compilation or graph capture for a one-patch shape that real batches never use)."""
+        return self.model(self._prep(x_t), self._prep(cond), t).float()
+
     def close(self) -> None:
         self._graph = None
         self._static = None

@@ -1,0 +1,118 @@
+"""What a command prints: results on stdout, one line per problem on stderr, nothing else.
+
+- ``out``: result lines on stdout. A closed pipe (``rawdiff-infer ... | head -1``, ``| true``) silences stdout for
+  the rest of the run; it never turns a good result into a failure, and the interpreter's exit flush stays quiet.
+- ``err`` / ``warn``: ``<prog>: <message>`` on stderr, always one line (newlines in a message are folded; file names
+  should already be shown with ``messages.show_path``).
+- ``capture()``: while active, Python warnings (numpy, torch, Pillow) and log records of any library at WARNING or
+  above become such lines too (with ``verbose``, INFO as well); nothing else reaches stderr.
+
+Thread-safe: the folder runner reports from its worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+
+import click
+
+from .messages import first_line
+
+__all__ = ["Console"]
+
+
+class _Handler(logging.Handler):
+    def __init__(self, console: "Console") -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = first_line(record.getMessage()) if record.getMessage() else record.name
+            self.console.err(f"{record.levelname.lower()}: {msg}")
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class Console:
+    """stdout / stderr of one command run (see the module docstring).
+
+    Args:
+        prog: the program name that prefixes every stderr line.
+        quiet: no result lines on stdout.
+        verbose: log records at INFO too.
+    """
+
+    def __init__(self, prog: str, *, quiet: bool = False, verbose: bool = False) -> None:
+        self.prog, self.quiet, self.verbose = prog, quiet, verbose
+        self.stdout_closed = False
+        #: progress bars are on stderr: messages then go through tqdm.write, which clears and redraws them
+        self.bars = False
+        self._lock = threading.RLock()
+
+    def out(self, line: str) -> None:
+        """A result line on stdout (nothing with ``quiet``; nothing once stdout is closed)."""
+        if self.quiet or self.stdout_closed:
+            return
+        with self._lock:
+            try:
+                click.echo(line)
+                sys.stdout.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                self._close_stdout()
+
+    def _close_stdout(self) -> None:
+        """The reader went away: point fd 1 at /dev/null so that no later write (the interpreter's own flush at
+        exit included) fails or prints 'Exception ignored'."""
+        self.stdout_closed = True
+        with contextlib.suppress(Exception):
+            fd = sys.stdout.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+
+    def err(self, message: str) -> None:
+        """``<prog>: <message>`` on stderr, folded to one line."""
+        line = " ".join(str(message).split())
+        with self._lock:
+            with contextlib.suppress(OSError, ValueError):
+                if self.bars:
+                    from tqdm import tqdm
+
+                    tqdm.write(f"{self.prog}: {line}", file=sys.stderr)
+                else:
+                    click.echo(f"{self.prog}: {line}", err=True)
+
+    def warn(self, message: str) -> None:
+        self.err(f"warning: {message}")
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Route Python warnings and library log records to one-line messages (restored on exit)."""
+        root = logging.getLogger()
+        handler = _Handler(self)
+        handler.setLevel(logging.INFO if self.verbose else logging.WARNING)
+        saved_handlers, saved_level = root.handlers[:], root.level
+        root.handlers = [handler]
+        root.setLevel(logging.INFO if self.verbose else logging.WARNING)
+        # loggers that do not propagate (a library's own configuration) are left alone
+        saved_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+            self.warn(first_line(str(message)) or category.__name__)
+
+        warnings.showwarning = show
+        try:
+            with warnings.catch_warnings():  # the filters stay as they are (deprecations stay hidden)
+                warnings.showwarning = show
+                yield
+        finally:
+            warnings.showwarning = saved_show
+            root.handlers = saved_handlers
+            root.setLevel(saved_level)

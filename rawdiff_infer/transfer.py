@@ -1,0 +1,81 @@
+"""Host <-> device copies that overlap compute: page-locked staging and a dedicated CUDA copy stream.
+
+On CUDA:
+- ``stage`` (called from the decode thread) puts a decoded image in page-locked (pinned) memory, in the compact
+  form the model space is made from (uint8, or int32 for 16-bit images);
+- ``upload`` copies it to the GPU on the copy stream, without blocking the host, and makes the compute stream wait
+  for that copy only;
+- ``download`` starts the copy of a result back into pinned host memory on the copy stream, after the compute
+  stream has produced it, and returns at once; ``PendingHost.result()`` (called from the write thread) waits for
+  that copy alone.
+
+So the copies run beside the next pack's compute. On the CPU all three are plain hand-overs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .rawspace import host_srgb
+
+__all__ = ["DeviceTransfer", "PendingHost"]
+
+
+@dataclass
+class PendingHost:
+    """A device-to-host copy in flight: ``result()`` waits for it and returns the numpy array."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None = None
+
+    def result(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+class DeviceTransfer:
+    """Copies for one device (see the module docstring).
+
+    Args:
+        device: the backend's device.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def stage(self, pixels: np.ndarray) -> torch.Tensor:
+        """A decoded H x W x 3 image as a host tensor ready to upload (pinned on CUDA)."""
+        return host_srgb(pixels, pin=self.cuda)
+
+    def upload(self, staged: torch.Tensor) -> torch.Tensor:
+        """The staged image on the device; the compute (current) stream waits for the copy."""
+        if not self.cuda:
+            return staged
+        assert self.stream is not None
+        with torch.cuda.stream(self.stream):
+            dev = staged.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(done)
+        dev.record_stream(torch.cuda.current_stream(self.device))
+        return dev
+
+    def download(self, tensor: torch.Tensor) -> PendingHost:
+        """Start copying ``tensor`` (produced on the current stream) to pinned host memory; returns at once."""
+        if not self.cuda:
+            return PendingHost(tensor.detach().cpu())
+        assert self.stream is not None
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        tensor.record_stream(self.stream)  # the caching allocator must not reuse it before the copy ends
+        return PendingHost(host, done)
