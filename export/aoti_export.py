@@ -9,7 +9,8 @@ inside, as for the ONNX graphs::
     inputs   x_t  [N, 3, P, P] float32, cond [N, 3, P, P] float32, t [N] float32
     output   eps  [N, 3, P, P] float32
 
-The package's metadata holds the rawdiff ``ModelMeta`` JSON, the precision, patch size, batch range, the checkpoint's
+x_t and cond are compiled for the channels_last layout (``AotiBackend`` converts whatever it is given). The package's
+metadata holds the rawdiff ``ModelMeta`` JSON, the precision, patch size, batch range, input layout, the checkpoint's
 sha256 and the build target (device type, torch version, GPU and compute capability, CPU and its instruction-set
 flags), so the package alone is enough to run, and the runtime refuses it on a machine it was not built for
 (``rawdiff_infer.backends.aoti.check_aoti_compat``). Build it on the machine (and GPU model) that will run it.
@@ -109,15 +110,19 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
     except BackendError as e:
         raise ExportError(str(e)) from None
 
-    m = copy.deepcopy(model).to(device=dev, dtype=_DTYPES[prec]).eval()
+    # channels_last weights and inputs: the layout the convolutions are fast in (TorchBackend's default too).
+    # Inductor would not choose it by itself here: its layout optimisation is off on CUDA once the batch is dynamic.
+    cl = torch.channels_last
+    m = copy.deepcopy(model).to(device=dev, dtype=_DTYPES[prec]).to(memory_format=cl).eval()
     m.set_fused_attention(True)  # scaled_dot_product_attention: the fast kernels on either device
     g = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, cfg.in_channels, p, p, generator=g).to(dev),
-            (torch.rand(2, cfg.cond_channels, p, p, generator=g) * 2 - 1).to(dev),
+    args = (torch.randn(2, cfg.in_channels, p, p, generator=g).to(dev).contiguous(memory_format=cl),
+            (torch.rand(2, cfg.cond_channels, p, p, generator=g) * 2 - 1).to(dev).contiguous(memory_format=cl),
             torch.tensor([1.0, 999.0], device=dev))  # batch 2: 0 and 1 would be specialised by torch.export
     batch = torch.export.Dim("N", min=1, max=max_batch)
     metadata = {"rawdiff": meta.to_json(), "rawdiff.format": AOTI_FORMAT, "rawdiff.precision": prec,
                 "rawdiff.patch_size": str(p), "rawdiff.min_batch": "1", "rawdiff.max_batch": str(max_batch),
+                "rawdiff.input_layout": "channels_last",
                 "rawdiff.checkpoint_sha256": checkpoint_sha256, "rawdiff.version": __version__,
                 **target.to_metadata()}
     t0 = time.perf_counter()

@@ -75,8 +75,8 @@ def test_same_eps_as_eager_on_batches_in_range(built, n: int) -> None:
 
 @pytest.mark.slow
 def test_contract_ownership_and_layouts(built) -> None:
-    """Fresh output per call; channels_last, sliced and fp16 inputs give what contiguous fp32 inputs give (the
-    library itself assumes contiguous float32 and checks nothing)."""
+    """Fresh output per call; NCHW, channels_last, sliced and fp16 inputs all give the same eps (the library itself
+    assumes the channels_last float32 inputs it was compiled for and checks nothing)."""
     res, _, _ = built
     x, c, t = _inputs(4)
     with AotiBackend(res.path) as b:
@@ -122,6 +122,7 @@ def test_metadata_round_trip(built) -> None:
     info = read_aoti_info(res.path)
     assert info.meta == ModelMeta(model=TINY_CONFIG, provenance={"note": 'quotes " and \\ kept'})
     assert (info.precision, info.patch_size, info.min_batch, info.max_batch) == ("fp32", 64, 1, MAX_BATCH)
+    assert info.input_layout == "channels_last"
     assert info.checkpoint_sha256 == file_sha256(ckpt)
     assert info.target.device_type == "cpu" and info.target.torch_version == torch.__version__
     assert info.target.cpu_flags == current_target("cpu").cpu_flags
@@ -151,6 +152,7 @@ def _tampered(src: Path, dst: Path, **changes: str) -> Path:
     ({"cpu_flags": "avx512_fp16 amx_tile sse2", "cpu": "Sapphire Rapids"}, "instructions this CPU .* lacks: amx_tile"),
     ({"format": "rawdiff-aoti/99"}, "unknown rawdiff package format"),
     ({"patch_size": "sixty-four"}, "invalid rawdiff description"),
+    ({"input_layout": "nhwc8c"}, "unknown input layout"),
 ])
 def test_refuses_a_package_built_elsewhere(built, tmp_path: Path, changes: dict[str, str], message: str) -> None:
     res, _, _ = built

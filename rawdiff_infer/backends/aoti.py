@@ -15,7 +15,7 @@ check its inputs at run time (a batch outside the range or another patch size ru
   instructions this one lacks (the C++ is compiled with ``-march=native`` on the build machine, the host code of a
   CUDA package too);
 - ``Backend.__call__`` refuses batches above ``max_batch`` and other patch sizes; ``infer`` hands the library
-  contiguous float32 tensors on the package's device, the layout it was compiled for.
+  float32 tensors on the package's device in the memory layout it was compiled for (channels_last).
 
 A package is code: load only packages you built or trust, as you would a shared library.
 """
@@ -45,6 +45,8 @@ __all__ = ["AOTI_FORMAT", "AotiBackend", "AotiInfo", "AotiTarget", "check_aoti_c
 log = logging.getLogger(__name__)
 
 AOTI_FORMAT = "rawdiff-aoti/1"
+#: input layouts a package may be compiled for -> the memory format ``infer`` hands the library
+_LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 #: x86 ISA levels in the order AOTInductor picks them (ATen's CPU capability names)
 _ISA_RANK = {"DEFAULT": 0, "INVALID": 0, "": 0, "AVX2": 1, "AVX512": 2}
 
@@ -192,6 +194,8 @@ class AotiInfo:
         patch_size: P, pixels (fixed).
         min_batch, max_batch: the range of N the package was compiled for.
         target: what it was built for.
+        input_layout: the strides x_t and cond were compiled for: "channels_last" (NHWC in memory, what
+            ``export_aoti`` builds) or "contiguous" (NCHW).
         checkpoint_sha256: the source checkpoint's sha256 ("" if unknown).
         rawdiff_version: the exporter's rawdiff version.
     """
@@ -202,6 +206,7 @@ class AotiInfo:
     min_batch: int
     max_batch: int
     target: AotiTarget
+    input_layout: str = "contiguous"
     checkpoint_sha256: str = ""
     rawdiff_version: str = ""
 
@@ -237,13 +242,17 @@ def read_aoti_info(path: str | os.PathLike[str]) -> AotiInfo:
         raise BackendError(f"{show_path(p)}: unknown rawdiff package format {md.get('rawdiff.format')!r} "
                            f"(expected {AOTI_FORMAT})")
     try:
-        return AotiInfo(meta=ModelMeta.from_dict(json.loads(md["rawdiff"])), precision=md["rawdiff.precision"],
+        info = AotiInfo(meta=ModelMeta.from_dict(json.loads(md["rawdiff"])), precision=md["rawdiff.precision"],
                         patch_size=int(md["rawdiff.patch_size"]), min_batch=int(md["rawdiff.min_batch"]),
                         max_batch=int(md["rawdiff.max_batch"]), target=AotiTarget.from_metadata(md),
+                        input_layout=md.get("rawdiff.input_layout", "contiguous"),
                         checkpoint_sha256=md.get("rawdiff.checkpoint_sha256", ""),
                         rawdiff_version=md.get("rawdiff.version", ""))
     except (ValueError, KeyError, TypeError) as e:
         raise BackendError(f"{show_path(p)}: invalid rawdiff description in the package ({first_line(e)})") from None
+    if info.input_layout not in _LAYOUTS:
+        raise BackendError(f"{show_path(p)}: unknown input layout {info.input_layout!r} in the package")
+    return info
 
 
 class AotiBackend(Backend):
@@ -299,8 +308,9 @@ class AotiBackend(Backend):
         return cls(path, device=device, max_batch_size=max_batch_size)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        # the library assumes the dtype, device and (contiguous) strides it was compiled with and checks none
-        return x.to(device=self.device, dtype=torch.float32).contiguous()
+        # the library assumes the dtype, device and strides it was compiled with, and checks none of them
+        x = x.to(device=self.device, dtype=torch.float32)
+        return x.contiguous(memory_format=_LAYOUTS[self.info.input_layout]) if x.dim() == 4 else x.contiguous()
 
     def infer(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self._model is None:
