@@ -117,8 +117,18 @@ def test_torch_backend_plumbing(tmp_path: Path) -> None:
     os.environ["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     assert backend(compile=True).compile_cache_dir == tmp_path / "xdg" / "rawdiff" / "inductor"
     (tmp_path / "f").write_text("x")
-    with pytest.raises(BackendError, match="not a directory"):
+    with pytest.raises(BackendError, match="not a directory"):  # a folder asked for must be usable
         backend(compile=True, compile_cache=tmp_path / "f")
+
+
+def test_unusable_default_folder_is_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only or odd home must not stop ``--compile``: warning, torch's own setting."""
+    (tmp_path / "f").write_text("x")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path / "f")  # the default folder would be below a file
+    with caplog.at_level("WARNING"):
+        b = TorchBackend(UNet(TINY_CONFIG), ModelMeta(model=TINY_CONFIG), compile=True)
+    assert b.compile_cache_dir is None
+    assert "cannot create it" in caplog.text and "torch's own cache setting" in caplog.text
 
 
 def test_counters_have_every_key() -> None:

@@ -45,8 +45,9 @@ class TorchBackend(Backend):
         compile: wrap the forward in ``torch.compile`` (mode "default"; "max-autotune-no-cudagraphs" etc. allowed).
         compile_cache: with ``compile`` only: the folder where torch keeps compiled graphs and kernels between runs,
             so that a second run skips most of the compilation (see ``rawdiff_infer.compile_cache``). None or True:
-            ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else ``$XDG_CACHE_HOME/rawdiff/inductor``; a path: that
-            folder (created, mode 0o700); False: leave torch's own setting alone (``/tmp/torchinductor_<user>``).
+            ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else ``$XDG_CACHE_HOME/rawdiff/inductor`` (if that
+            folder is unusable: a warning, and torch's own setting); a path: that folder (created, mode 0o700;
+            BackendError if unusable); False: leave torch's own setting alone (``/tmp/torchinductor_<user>``).
             Process-wide, like torch's setting.
         cuda_graph: capture the forward for the fixed batch ``max_batch_size`` (smaller batches are padded) and
             replay it; CUDA only.
@@ -76,11 +77,13 @@ class TorchBackend(Backend):
         self.compile_cache_dir: Path | None = None
         if compile:
             if compile_cache is not False:
+                explicit = compile_cache is not None and compile_cache is not True
                 try:
-                    self.compile_cache_dir = configure_compile_cache(
-                        None if compile_cache is True else compile_cache)
+                    self.compile_cache_dir = configure_compile_cache(compile_cache if explicit else None)
                 except CompileCacheError as e:
-                    raise BackendError(str(e)) from None
+                    if explicit:
+                        raise BackendError(str(e)) from None
+                    log.warning("%s; torch.compile keeps torch's own cache setting", e)  # the default: never fatal
             mode = compile if isinstance(compile, str) else "default"
             self._forward = torch.compile(self.model, mode=mode, fullgraph=True, dynamic=False)
         self.cuda_graph = cuda_graph
