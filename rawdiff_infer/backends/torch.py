@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
 
 from ..checkpoint import ModelMeta, load_checkpoint
+from ..compile_cache import CompileCacheError, configure_compile_cache
 from ..model import UNet
 from .base import Backend, BackendError
 
@@ -41,6 +43,12 @@ class TorchBackend(Backend):
         dtype: weights and activations (fp16 / bf16 need CUDA for speed; fp16 on CPU works but is slow).
         channels_last: NHWC memory format (default on: 2-5x faster than NCHW on CPU too, measured).
         compile: wrap the forward in ``torch.compile`` (mode "default"; "max-autotune-no-cudagraphs" etc. allowed).
+        compile_cache: with ``compile`` only: the folder where torch keeps compiled graphs and kernels between runs,
+            so that a second run skips most of the compilation (see ``rawdiff_infer.compile_cache``). None or True:
+            ``TORCHINDUCTOR_CACHE_DIR`` if the user set it, else ``$XDG_CACHE_HOME/rawdiff/inductor`` (if that
+            folder is unusable: a warning, and torch's own setting); a path: that folder (created, mode 0o700;
+            BackendError if unusable); False: leave torch's own setting alone (``/tmp/torchinductor_<user>``).
+            Process-wide, like torch's setting.
         cuda_graph: capture the forward for the fixed batch ``max_batch_size`` (smaller batches are padded) and
             replay it; CUDA only.
         max_batch_size: largest batch; required with ``cuda_graph``.
@@ -50,7 +58,8 @@ class TorchBackend(Backend):
 
     def __init__(self, model: UNet, meta: ModelMeta, *, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = torch.float32, channels_last: bool | None = None,
-                 compile: bool | str = False, cuda_graph: bool = False, max_batch_size: int | None = None) -> None:
+                 compile: bool | str = False, cuda_graph: bool = False, max_batch_size: int | None = None,
+                 compile_cache: str | os.PathLike[str] | bool | None = None) -> None:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BackendError("CUDA was requested but torch sees no CUDA device")
@@ -64,7 +73,17 @@ class TorchBackend(Backend):
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._forward = self.model.forward
+        #: the compile-cache folder this backend configured (None: not compiling, or torch's own setting kept)
+        self.compile_cache_dir: Path | None = None
         if compile:
+            if compile_cache is not False:
+                explicit = compile_cache is not None and compile_cache is not True
+                try:
+                    self.compile_cache_dir = configure_compile_cache(compile_cache if explicit else None)
+                except CompileCacheError as e:
+                    if explicit:
+                        raise BackendError(str(e)) from None
+                    log.warning("%s; torch.compile keeps torch's own cache setting", e)  # the default: never fatal
             mode = compile if isinstance(compile, str) else "default"
             self._forward = torch.compile(self.model, mode=mode, fullgraph=True, dynamic=False)
         self.cuda_graph = cuda_graph
