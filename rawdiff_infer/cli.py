@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from .console import Console
+from .console import Console, OneLineCommand
 from .interrupts import Interrupted, exit_code_of, handle_interrupts
 from .messages import first_line, show_path
 from .plan import FORMATS, Job, UsageError, check_outputs, expand_inputs, plan_outputs, prepare_output_dir, shard
@@ -64,6 +64,8 @@ class InferOptions:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_cache: str | None = None
+    no_compile_cache: bool = False
     cuda_graph: bool = False
     max_pixels: int | None = None
     force: bool = False
@@ -84,8 +86,6 @@ class InferOptions:
             raise ValueError("--cuda-graph needs a CUDA device")
         if self.patch_size is not None and self.patch_size % 8:
             raise ValueError(f"--patch-size {self.patch_size} is not a multiple of 8")
-        if self.stride > (self.patch_size or 1024):
-            raise ValueError(f"--stride {self.stride} is larger than the patch size {self.patch_size}")
         from .samplers import check_options
 
         check_options(self.sampler, steps=self.steps, eta=self.eta, order=self.order)
@@ -165,8 +165,8 @@ def _load(opts: InferOptions, device: str):
     path = opts.ckpt or opts.model_file
     if path is None:
         if opts.backend != "torch":
-            raise UsageError(f"--backend {opts.backend} needs --model FILE (an .onnx file or an engine from "
-                             "rawdiff-export)")
+            raise UsageError(f"--backend {opts.backend} needs --model FILE (an .onnx file, an engine or an "
+                             "AOTInductor package from rawdiff-export)")
         default = default_checkpoint()
         if default is None:
             raise UsageError("this build of rawdiff ships no default model; pass --ckpt MODEL.safetensors")
@@ -176,7 +176,8 @@ def _load(opts: InferOptions, device: str):
     try:
         be = open_backend(opts.backend, path, device=device, dtype=dtype,
                           max_batch_size=_batch_size(opts, device) if per_batch_graph else None,
-                          compile=opts.compile, cuda_graph=per_batch_graph)
+                          compile=opts.compile, cuda_graph=per_batch_graph,
+                          compile_cache=False if opts.no_compile_cache else opts.compile_cache)
         be.self_test()
     except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
         raise UsageError(first_line(e)) from None
@@ -364,15 +365,17 @@ def _sampler_help() -> str:
     return "; ".join(f"{k}: {s.summary}" for k, s in SPECS.items())
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(_PROG, cls=OneLineCommand, help=HELP,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", help="Output file (one input; suffix .dng/.tiff/.npy) or directory.")
 @click.option("--format", "formats", multiple=True, type=click.Choice(sorted(FORMATS)),
               help="Output format(s); repeat for several. Default: from -o's suffix, else dng.")
 @click.option("--encoded", is_flag=True, help="TIFF/NPY hold the gamma-encoded RAW (model space) instead of linear.")
 @click.option("--ckpt", help="rawdiff checkpoint (.safetensors or sharded folder). Default: the bundled model.")
-@click.option("--model", "model_file", help="Model for --backend onnx|trt: an .onnx file or a TensorRT engine.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "trt"]), default="torch", show_default=True)
+@click.option("--model", "model_file", help="Model for --backend onnx|trt|aoti: an .onnx file, a TensorRT engine or "
+              "an AOTInductor package (.pt2).")
+@click.option("--backend", type=click.Choice(["torch", "onnx", "trt", "aoti"]), default="torch", show_default=True)
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULT_METHOD, show_default=True,
               help=_sampler_help())
 @click.option("--steps", type=click.IntRange(1, 1000),
@@ -400,7 +403,11 @@ def _sampler_help() -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch backend precision (auto: fp16 on CUDA, fp32 on CPU).")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the U-Net (CUDA; slow first image).")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the U-Net (CUDA). The compiled kernels are "
+              "cached on disk, so only the first run pays the compilation.")
+@click.option("--compile-cache", type=click.Path(file_okay=False), help="Folder of the persistent compile cache "
+              "(default: $XDG_CACHE_HOME/rawdiff/inductor, or TORCHINDUCTOR_CACHE_DIR when set).")
+@click.option("--no-compile-cache", is_flag=True, help="Leave torch's own compile-cache setting alone.")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay CUDA graphs (torch backend). --merge step: each sampler step's whole model evaluation "
               "is recorded once per image size; --merge end: the U-Net per batch. Costs GPU memory.")

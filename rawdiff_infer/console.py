@@ -24,7 +24,7 @@ import click
 
 from .messages import first_line
 
-__all__ = ["Console"]
+__all__ = ["Console", "OneLineCommand"]
 
 
 class _Handler(logging.Handler):
@@ -116,3 +116,26 @@ class Console:
             warnings.showwarning = saved_show
             root.handlers = saved_handlers
             root.setLevel(saved_level)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose own errors (a bad option value, a missing argument, ...) are one line on stderr,
+    ``<prog>: error: <message>`` with exit status 2, like every other error of rawdiff's commands; ``--help`` and
+    normal exits are unchanged."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
+        try:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                                **extra)
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.ClickException as e:
+            name = prog_name or self.name or "rawdiff"
+            with contextlib.suppress(OSError, ValueError):
+                click.echo(f"{name}: error: {' '.join(e.format_message().split())}", err=True)
+            code = e.exit_code
+        except click.Abort:
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code)
