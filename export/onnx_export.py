@@ -14,14 +14,14 @@ InstanceNormalization on fp32 tensors, never the ONNX ``GroupNormalization`` op)
 sinusoidal timestep embedding (Sin / Cos). A strongly typed TensorRT build then keeps exactly these types.
 
 The ONNX file's ``metadata_props`` hold the rawdiff ``ModelMeta`` JSON (key ``"rawdiff"``), the checkpoint's sha256,
-the precision, patch size, opset and exporter, so an ONNX file alone is enough to run (``read_onnx_meta``).
+the precision, patch size, opset and exporter, so an ONNX file alone is enough to run. The runtime owns that format
+(``rawdiff_infer.backends.onnx_info``: ``OnnxInfo``, ``read_onnx_info``); this module writes it.
 """
 
 from __future__ import annotations
 
 import collections
 import io
-import json
 import logging
 import os
 import warnings
@@ -35,6 +35,7 @@ from torch import nn
 from rawdiff_infer import __version__
 from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
 from rawdiff_infer.backends.base import INPUT_NAMES, OUTPUT_NAME
+from rawdiff_infer.backends.onnx_info import ONNX_FORMAT, OnnxInfo, read_onnx_info, read_onnx_meta
 from rawdiff_infer.fsio import atomic_path
 from rawdiff_infer.model import UNet
 
@@ -45,7 +46,6 @@ __all__ = ["DEFAULT_OPSET", "INPUT_NAMES", "ONNX_FORMAT", "OUTPUT_NAME", "Export
 log = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16"]
-ONNX_FORMAT = "rawdiff-onnx/1"
 DEFAULT_OPSET = 17
 OPSETS = (17, 18, 19)
 #: ops whose tensors must be fp16 in the fp16 graph (the heavy arithmetic)
@@ -56,18 +56,6 @@ FP32_ISLAND_OPS = ("InstanceNormalization", "Softmax", "Sin", "Cos")
 
 class ExportError(Exception):
     """The export cannot be done or produced an unusable graph (message: one line)."""
-
-
-@dataclass(frozen=True)
-class OnnxInfo:
-    """What a rawdiff ONNX file says about itself (from its metadata_props)."""
-
-    meta: ModelMeta
-    precision: str
-    patch_size: int
-    checkpoint_sha256: str
-    opset: int
-    exporter: str
 
 
 @dataclass(frozen=True)
@@ -258,35 +246,6 @@ def export_onnx(model: UNet, meta: ModelMeta, path: str | os.PathLike, *, precis
         onnx.save_model(proto, str(tmp))
     log.info("wrote %s (%s, %.1f MB)", out, precision, out.stat().st_size / 1e6)
     return out
-
-
-def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
-    """The rawdiff description stored in an ONNX file (without loading its weights into a session)."""
-    import onnx
-
-    p = Path(path)
-    if not p.is_file():
-        raise ExportError(f"{p}: no such ONNX file")
-    try:
-        proto = onnx.load_model(str(p), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types
-        raise ExportError(f"{p}: not an ONNX file ({type(e).__name__})") from None
-    props = {kv.key: kv.value for kv in proto.metadata_props}
-    if "rawdiff" not in props:
-        raise ExportError(f"{p}: ONNX file without a rawdiff description (not exported by rawdiff-export)")
-    try:
-        meta = ModelMeta.from_dict(json.loads(props["rawdiff"]))
-        return OnnxInfo(meta=meta, precision=props.get("rawdiff.precision", "fp32"),
-                        patch_size=int(props.get("rawdiff.patch_size", meta.model.patch_size)),
-                        checkpoint_sha256=props.get("rawdiff.checkpoint_sha256", ""),
-                        opset=int(props.get("rawdiff.opset", 0)), exporter=props.get("rawdiff.exporter", ""))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{p}: invalid rawdiff description in ONNX metadata ({e})") from None
-
-
-def read_onnx_meta(path: str | os.PathLike) -> ModelMeta:
-    """The rawdiff ``ModelMeta`` stored in an ONNX file."""
-    return read_onnx_info(path).meta
 
 
 def _rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:

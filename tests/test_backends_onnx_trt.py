@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,11 @@ import torch
 from rawdiff_export import BuildOptions, export_onnx
 from rawdiff_infer.backends import BackendError
 from rawdiff_infer.backends.onnxruntime import OnnxRuntimeBackend
-from rawdiff_infer.backends.tensorrt import (GpuInfo, RuntimeEnv, TensorRTBackend, TensorRTNotFound,
-                                             check_engine_compat, detect_gpu, gpu_slug, load_tensorrt, parse_cc,
-                                             parse_version, read_sidecar, sidecar_path)
+from rawdiff_infer.backends.tensorrt import TensorRTBackend, runtime_cache_path
+from rawdiff_infer.backends.trt_build import build_engine
+from rawdiff_infer.backends.trt_runtime import TensorRTNotFound, load_tensorrt
+from rawdiff_infer.backends.trt_sidecar import (GpuInfo, RuntimeEnv, SidecarError, check_engine_compat, detect_gpu,
+                                                gpu_slug, parse_cc, parse_version, read_sidecar, sidecar_path)
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
 from rawdiff_infer.model import UNet
@@ -145,6 +149,31 @@ def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
     assert _rel(out.cpu(), ref) < 1e-3
 
 
+def _finishes(fn, seconds: float = 30.0) -> BaseException | None:
+    """Run ``fn`` in a thread; fail the test if it blocks (a FIFO opened for reading would). Returns its error."""
+    box: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            box[0] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"{fn} blocked"
+    return box[0]
+
+
+def test_fifo_engine_is_refused_without_blocking(tmp_path: Path) -> None:
+    plan = tmp_path / "m.plan"
+    os.mkfifo(plan)
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    err = _finishes(lambda: TensorRTBackend(plan))
+    assert isinstance(err, BackendError) and "not a regular file" in str(err), err
+
+
 # ---- TensorRT: pure parts (no GPU) ------------------------------------------------------------------------------
 
 def _sidecar(**over) -> dict:
@@ -230,13 +259,16 @@ def test_load_tensorrt_disabled_and_missing(monkeypatch) -> None:
 def test_read_sidecar_errors(tmp_path: Path) -> None:
     eng = tmp_path / "m.plan"
     eng.write_bytes(b"plan")
-    with pytest.raises(ValueError, match="sidecar missing"):
+    with pytest.raises(SidecarError, match="sidecar missing"):
         read_sidecar(eng)
     sidecar_path(eng).write_text("{not json")
-    with pytest.raises(ValueError, match="invalid JSON"):
+    with pytest.raises(SidecarError, match="invalid JSON"):
         read_sidecar(eng)
     sidecar_path(eng).write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="unknown sidecar format"):
+    with pytest.raises(SidecarError, match="unknown sidecar format"):
+        read_sidecar(eng)
+    sidecar_path(eng).write_text(json.dumps(_sidecar(profile={"max_batch": 0})))
+    with pytest.raises(SidecarError, match="invalid profile"):
         read_sidecar(eng)
     sidecar_path(eng).write_text(json.dumps(_sidecar()))
     assert read_sidecar(eng)["profile"]["max_batch"] == 256
@@ -278,8 +310,6 @@ def engine(onnx_files, tmp_path_factory: pytest.TempPathFactory):
     if reason:
         print(f"\nskipping TensorRT execution tests: {reason}")
         pytest.skip(reason)
-    from rawdiff_export.trt_build import build_engine
-
     model, _, fp16 = onnx_files
     d = tmp_path_factory.mktemp("engine")
     res = build_engine(fp16, d / "tiny.plan", options=BuildOptions(min_batch=1, opt_batch=8, max_batch=16))
@@ -342,3 +372,47 @@ def test_trt_backend_refuses_foreign_engine_and_rebuilds(engine, tmp_path: Path)
     with TensorRTBackend(foreign, rebuild=True) as b:
         assert b.engine_path != foreign and b.engine_path.parent == tmp_path
         assert b(*(v.cuda() for v in _batch(2))).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_graph_mode_and_runtime_cache(engine) -> None:
+    """Our engines are built with REQUIRE_USER_ALLOCATION: rawdiff records the graph itself where TensorRT-RTX says
+    the context is stream-capturable; TensorRT-RTX's runtime cache is saved beside the engine on close."""
+    _, res = engine
+    with TensorRTBackend(res.engine_path, cuda_graph=True) as b:
+        assert b.graph_mode in ("manual", "native")
+        if not b.trt.is_rtx:
+            assert b.graph_mode == "manual"
+        out = b(*(v.cuda() for v in _batch(4)))
+        assert torch.isfinite(out).all()
+        rtx = b.trt.is_rtx
+    if rtx:
+        assert runtime_cache_path(res.engine_path).stat().st_size > 0
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_refuses_a_sidecar_of_another_engine(engine, tmp_path: Path) -> None:
+    _, res = engine
+    side = json.loads(res.sidecar_path.read_text())
+    side["profile"]["max_batch"] = 512
+    liar = tmp_path / "liar.plan"
+    liar.write_bytes(res.engine_path.read_bytes())
+    sidecar_path(liar).write_text(json.dumps(side))
+    with pytest.raises(BackendError, match="sidecar of another engine"):
+        TensorRTBackend(liar)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_rebuild_on_the_second_gpu(engine, tmp_path: Path) -> None:
+    """Bug: a rebuild for cuda:1 built for, and described, GPU 0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    _, res = engine
+    side = json.loads(res.sidecar_path.read_text())
+    side["tensorrt"]["version"] = "0.0.1"
+    foreign = tmp_path / "foreign.plan"
+    foreign.write_bytes(res.engine_path.read_bytes())
+    sidecar_path(foreign).write_text(json.dumps(side))
+    with TensorRTBackend(foreign, device="cuda:1", rebuild=True) as b:
+        assert b.sidecar["target"]["built_on_gpu"] == torch.cuda.get_device_name(1)
+        assert b(*(v.cuda(1) for v in _batch(2))).device == torch.device("cuda", 1)
