@@ -320,7 +320,7 @@ def test_cli_bad_checkpoint(tmp_path: Path, content: bytes) -> None:
     bad.write_bytes(content)
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["--ckpt", str(bad), "--out", str(out), "-q"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # a bad checkpoint is found before any compute
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("rawdiff-export: error: ") and str(bad) in lines[0], r.output
     assert "Traceback" not in r.output
@@ -330,7 +330,7 @@ def test_cli_bad_checkpoint(tmp_path: Path, content: bytes) -> None:
 
 def test_cli_missing_checkpoint_and_usage(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "none.safetensors"), "-q"])
-    assert r.exit_code == 1 and "no such checkpoint" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no such checkpoint" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["--ckpt", "x", "--min-batch", "8", "--max-batch", "4", "-q"])
     assert r.exit_code == 2 and "min <= opt <= max" in r.output
     r = CliRunner().invoke(main, ["--ckpt", "x", "--opset", "16"])
