@@ -384,6 +384,9 @@ def test_tensorrt_backend_clear_errors_without_gpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="needs a CUDA GPU"):
             TensorRTBackend.from_file(eng)
+    sidecar_path(eng).write_text(json.dumps({**_sidecar(), "engine": {"file": "m.plan", "sha256": "0" * 64}}))
+    with pytest.raises(BackendError, match="the sidecar describes another engine"):
+        TensorRTBackend(eng)
 
 
 # ---- TensorRT: execution (NVIDIA GPU + a TensorRT runtime that supports it) ----------------------------------

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..checkpoint import ModelMeta
+from ..fsio import sha256_file
 from ..messages import first_line, show_path
 from .base import INPUT_NAMES, OUTPUT_NAME, Backend, BackendError
 from .trt_build import EngineBuildError, rebuild_engine
@@ -87,6 +88,14 @@ def activate_engine(engine: Engine, *, cuda_graph: bool, user_allocation: bool, 
     return mode
 
 
+def _check_engine_hash(path: Path, sidecar: dict[str, Any]) -> None:
+    """Refuse a sidecar written for another engine file (its recorded sha256 differs)."""
+    want = sidecar.get("engine", {}).get("sha256")
+    if want and sha256_file(path) != want:
+        raise BackendError(f"{show_path(path)}: the sidecar describes another engine (sha256 {want[:12]}..., this "
+                           "file differs); rebuild it or copy the matching .json")
+
+
 class TensorRTBackend(Backend):
     """Runs a TensorRT engine file (with its ``.json`` sidecar) on one CUDA GPU.
 
@@ -115,6 +124,7 @@ class TensorRTBackend(Backend):
                                    f"{show_path(path)}: not a regular file")
             sidecar = read_sidecar(path)
             meta = ModelMeta.from_dict(sidecar["rawdiff"])
+            _check_engine_hash(path, sidecar)
         except SidecarError as e:
             raise BackendError(str(e)) from None
         except (ValueError, KeyError, TypeError) as e:

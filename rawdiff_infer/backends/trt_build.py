@@ -19,7 +19,6 @@ engine's inference can be recorded in a CUDA graph (TensorRT-RTX 1.2 and later; 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import platform
@@ -356,7 +355,7 @@ def _sidecar(out: Path, data: memoryview, onnx_path: Path, info: OnnxInfo, trt: 
     """The sidecar JSON (format ``SIDECAR_FORMAT``; see ``trt_sidecar``)."""
     return {
         "format": SIDECAR_FORMAT,
-        "engine": {"file": out.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "engine": {"file": out.name, "bytes": len(data), "sha256": sha256_file(out)},  # as written on disk
         "onnx": {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path), "precision": info.precision,
                  "patch_size": info.patch_size, "opset": info.opset, "exporter": info.exporter},
         "checkpoint_sha256": info.checkpoint_sha256,
