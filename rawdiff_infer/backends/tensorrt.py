@@ -107,6 +107,9 @@ class TensorRTBackend(Backend):
         cuda_graph: replay the engine call from a CUDA graph (see the module docstring for how).
         max_batch_size: cap below the engine profile's maximum (default: the profile's maximum).
         runtime_cache: TensorRT-RTX only: True (``runtime_cache_path(engine)``), a file, or False (no cache).
+
+    One set of I/O buffers and one stream: calls from several threads at once are not supported (open one backend
+    per thread); calls from one thread on any CUDA stream are.
     """
 
     name: ClassVar[str] = "trt"
@@ -144,6 +147,7 @@ class TensorRTBackend(Backend):
             cap = min(max_batch_size or io.max_batch, io.max_batch)
             super().__init__(meta, dev, torch.float32, cap, patch_size=io.patch_size)
             self.min_batch, self.cuda_graph = io.min_batch, cuda_graph
+            self._buffer_batch = max(cap, io.min_batch)  # smaller batches run padded to the profile's minimum
             self._stream = torch.cuda.Stream(dev)
             self._engine = engine
             self._activate(engine, sidecar, runtime_cache)
@@ -185,7 +189,7 @@ class TensorRTBackend(Backend):
         activate_engine(engine, cuda_graph=self.cuda_graph,
                         user_allocation=bool(sidecar.get("options", {}).get("require_user_allocation")),
                         stream_handle=self._stream.cuda_stream, device=self.device,  # type: ignore[union-attr]
-                        max_batch=int(self.max_batch_size), runtime_cache=cache)  # type: ignore[arg-type]
+                        max_batch=self._buffer_batch, runtime_cache=cache)
 
     @property
     def graph_mode(self) -> GraphMode:
@@ -194,9 +198,9 @@ class TensorRTBackend(Backend):
 
     # -- inference ----------------------------------------------------------------------------------------------
     def _capture(self) -> None:
-        engine, stream, bs = self._engine, self._stream, self.max_batch_size
-        assert engine is not None and stream is not None and bs is not None
-        engine.set_batch(bs)  # fixed from now on: the graph never sees another shape
+        engine, stream = self._engine, self._stream
+        assert engine is not None and stream is not None
+        engine.set_batch(self._buffer_batch)  # fixed from now on: the graph never sees another shape
         with torch.cuda.stream(stream):
             engine.enqueue(stream.cuda_stream)  # one eager run first (lazy initialisation outside the capture)
         stream.synchronize()
@@ -249,4 +253,4 @@ class TensorRTBackend(Backend):
         tgt = self.sidecar.get("target", {})
         return (f"{self.name} {self.engine_path.name} ({self.trt.describe()}, built for {tgt.get('gpu')}, "
                 f"{self.sidecar['onnx'].get('precision')}) on {self.device}"
-                + (f" cuda-graph {self.graph_mode} batch {self.max_batch_size}" if self.cuda_graph else ""))
+                + (f" cuda-graph {self.graph_mode} batch {self._buffer_batch}" if self.cuda_graph else ""))
