@@ -2,16 +2,21 @@
 
     from rawdiff_export import export_checkpoint, build_engine, BuildOptions, read_onnx_meta
 
-    res = export_checkpoint("model.safetensors")                 # model.onnx, model.fp16.onnx (+ parity numbers)
+    res = export_checkpoint("model.safetensors")                 # model.onnx, model.fp16.onnx (parity-checked)
     eng = build_engine(res.fp16_path, options=BuildOptions(max_batch=512))   # model.<target>.plan + .plan.json
+
+The ONNX metadata reader and the engine builder belong to the runtime (``rawdiff_infer.backends``), which must run
+and rebuild exported files without this package; they are named here for convenience.
 """
 
-from .onnx_export import (ExportedCheckpoint, ExportError, OnnxInfo, check_graph, export_checkpoint, export_onnx,
-                          onnx_parity, op_dtype_counts, read_onnx_info, read_onnx_meta)
-from .trt_build import (BuildOptions, BuildResult, build_engine, default_engine_path, network_dtype_counts,
-                        parse_network)
+from rawdiff_infer.backends.onnx_info import OnnxInfo, OnnxInfoError, read_onnx_info, read_onnx_meta
 
-__all__ = ["BuildOptions", "BuildResult", "ExportError", "ExportedCheckpoint", "OnnxInfo", "build_engine",
-           "check_graph", "default_engine_path", "export_checkpoint", "export_onnx", "network_dtype_counts",
-           "onnx_parity",
+from .onnx_export import (PARITY_TOLERANCE, ExportedCheckpoint, ExportError, check_graph, check_parity,
+                          export_checkpoint, export_model, export_onnx, onnx_parity, op_dtype_counts)
+from .trt_build import (BuildOptions, BuildResult, EngineBuildError, build_engine, default_engine_path,
+                        network_dtype_counts, parse_network)
+
+__all__ = ["PARITY_TOLERANCE", "BuildOptions", "BuildResult", "EngineBuildError", "ExportError", "ExportedCheckpoint",
+           "OnnxInfo", "OnnxInfoError", "build_engine", "check_graph", "check_parity", "default_engine_path",
+           "export_checkpoint", "export_model", "export_onnx", "network_dtype_counts", "onnx_parity",
            "op_dtype_counts", "parse_network", "read_onnx_info", "read_onnx_meta"]

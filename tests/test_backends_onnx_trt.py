@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,13 @@ import torch
 
 from rawdiff_export import BuildOptions, export_onnx
 from rawdiff_infer.backends import BackendError
-from rawdiff_infer.backends.onnxruntime import OnnxRuntimeBackend
-from rawdiff_infer.backends.tensorrt import (GpuInfo, RuntimeEnv, TensorRTBackend, TensorRTNotFound,
-                                             check_engine_compat, detect_gpu, gpu_slug, load_tensorrt, parse_cc,
-                                             parse_version, read_sidecar, sidecar_path)
+from rawdiff_infer.backends import onnxruntime as ort_backend
+from rawdiff_infer.backends.onnxruntime import OnnxRuntimeBackend, provider_options
+from rawdiff_infer.backends.tensorrt import TensorRTBackend, runtime_cache_path
+from rawdiff_infer.backends.trt_build import build_engine
+from rawdiff_infer.backends.trt_runtime import TensorRTNotFound, load_tensorrt
+from rawdiff_infer.backends.trt_sidecar import (GpuInfo, RuntimeEnv, SidecarError, check_engine_compat, detect_gpu,
+                                                gpu_slug, parse_cc, parse_version, read_sidecar, sidecar_path)
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
 from rawdiff_infer.model import UNet
@@ -143,6 +148,127 @@ def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
     assert out.is_cuda and out.dtype == torch.float32
     ref = TorchBackend(model, META, dtype="fp32")(*_batch(4))
     assert _rel(out.cpu(), ref) < 1e-3
+    # one device index for the session and the binding; onnxruntime computes on the backend's torch stream
+    assert b.device == torch.device("cuda", torch.cuda.current_device())
+    assert b._on_torch_stream, b.session.get_provider_options()
+    opts = b.session.get_provider_options()["CUDAExecutionProvider"]
+    assert opts["device_id"] == str(b.device.index)
+
+
+@pytest.mark.gpu
+def test_onnx_backend_cuda_concurrent_calls(onnx_files) -> None:
+    """Several threads share one backend: each call has its own I/O binding and gets its own right answer."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    _, fp32, _ = onnx_files
+    b = OnnxRuntimeBackend(fp32, device="cuda")
+    batches = [tuple(v.cuda() for v in _batch(3, seed=s)) for s in range(6)]
+    want = [b(*xs).cpu() for xs in batches]
+    got: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(5):
+                out = b(*batches[i])
+            torch.cuda.current_stream().synchronize()
+            got[i] = out.cpu()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, w in enumerate(want):
+        assert torch.allclose(got[i], w, rtol=1e-5, atol=1e-6), i
+
+
+@pytest.mark.gpu
+def test_onnx_backend_tensorrt_provider_keeps_one_engine(onnx_files, tmp_path: Path) -> None:
+    """The explicit profile (1..max) covers the last, partial batch: one engine, cached, not rebuilt."""
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no TensorrtExecutionProvider (onnxruntime-gpu with TensorRT libraries)")
+    _, _, fp16 = onnx_files
+    b = OnnxRuntimeBackend(fp16, device="cuda", providers=["tensorrt", "cuda"], max_batch_size=8,
+                           trt_cache_dir=tmp_path)
+    for n in (8, 3, 8, 1):
+        assert b(*(v.cuda() for v in _batch(n))).shape[0] == n
+    engines = list(tmp_path.rglob("*.engine"))
+    assert len(engines) == 1, engines
+
+
+def test_onnx_provider_options() -> None:
+    """Pure: the options each execution provider gets (names as onnxruntime documents them)."""
+    assert provider_options(None, device_id=None, stream=None, max_batch=8, patch_size=64, trt_cache=None) == [
+        "CPUExecutionProvider"]
+    assert provider_options(None, device_id=2, stream=1234, max_batch=8, patch_size=64, trt_cache=None) == [
+        ("CUDAExecutionProvider", {"device_id": 2, "user_compute_stream": "1234"}), "CPUExecutionProvider"]
+    (trt_name, trt), (cuda_name, cuda) = provider_options(
+        ["tensorrt", ("cuda", {"cudnn_conv_algo_search": "HEURISTIC"})], device_id=0, stream=99, max_batch=16,
+        patch_size=32, trt_cache=Path("/c"))
+    assert trt_name == "TensorrtExecutionProvider" and cuda_name == "CUDAExecutionProvider"
+    assert trt == {"device_id": 0, "user_compute_stream": "99",
+                   "trt_profile_min_shapes": "x_t:1x3x32x32,cond:1x3x32x32,t:1",
+                   "trt_profile_opt_shapes": "x_t:16x3x32x32,cond:16x3x32x32,t:16",
+                   "trt_profile_max_shapes": "x_t:16x3x32x32,cond:16x3x32x32,t:16",
+                   "trt_engine_cache_enable": True, "trt_engine_cache_path": "/c",
+                   "trt_timing_cache_enable": True, "trt_timing_cache_path": "/c"}
+    assert cuda == {"device_id": 0, "user_compute_stream": "99", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_onnx_backend_resolves_the_cuda_index_once(monkeypatch) -> None:
+    """Bug: the session used ``dev.index or 0`` while the I/O binding used the current device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert ort_backend._device("cuda") == torch.device("cuda", 3)
+    assert ort_backend._device("cuda:1") == torch.device("cuda", 1)
+    assert ort_backend._device("cpu") == torch.device("cpu")
+
+
+def test_onnx_backend_concurrent_cpu_calls(onnx_files) -> None:
+    _, fp32, _ = onnx_files
+    b = OnnxRuntimeBackend(fp32)
+    batches = [_batch(2, seed=s) for s in range(4)]
+    want = [b(*xs) for xs in batches]
+    got: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, b(*batches[i]))) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(got[i], want[i]) for i in range(4))
+
+
+def _finishes(fn, seconds: float = 30.0) -> BaseException | None:
+    """Run ``fn`` in a thread; fail the test if it blocks (a FIFO opened for reading would). Returns its error."""
+    box: list[BaseException | None] = [None]
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            box[0] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"{fn} blocked"
+    return box[0]
+
+
+def test_fifo_model_files_are_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    err = _finishes(lambda: OnnxRuntimeBackend(fifo))
+    assert isinstance(err, BackendError) and "FIFO" in str(err), err
+    plan = tmp_path / "m.plan"
+    os.mkfifo(plan)
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    err = _finishes(lambda: TensorRTBackend(plan))
+    assert isinstance(err, BackendError) and "not a regular file" in str(err), err
 
 
 # ---- TensorRT: pure parts (no GPU) ------------------------------------------------------------------------------
@@ -230,13 +356,16 @@ def test_load_tensorrt_disabled_and_missing(monkeypatch) -> None:
 def test_read_sidecar_errors(tmp_path: Path) -> None:
     eng = tmp_path / "m.plan"
     eng.write_bytes(b"plan")
-    with pytest.raises(ValueError, match="sidecar missing"):
+    with pytest.raises(SidecarError, match="sidecar missing"):
         read_sidecar(eng)
     sidecar_path(eng).write_text("{not json")
-    with pytest.raises(ValueError, match="invalid JSON"):
+    with pytest.raises(SidecarError, match="invalid JSON"):
         read_sidecar(eng)
     sidecar_path(eng).write_text(json.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="unknown sidecar format"):
+    with pytest.raises(SidecarError, match="unknown sidecar format"):
+        read_sidecar(eng)
+    sidecar_path(eng).write_text(json.dumps(_sidecar(profile={"max_batch": 0})))
+    with pytest.raises(SidecarError, match="invalid profile"):
         read_sidecar(eng)
     sidecar_path(eng).write_text(json.dumps(_sidecar()))
     assert read_sidecar(eng)["profile"]["max_batch"] == 256
@@ -255,6 +384,9 @@ def test_tensorrt_backend_clear_errors_without_gpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match="needs a CUDA GPU"):
             TensorRTBackend.from_file(eng)
+    sidecar_path(eng).write_text(json.dumps({**_sidecar(), "engine": {"file": "m.plan", "sha256": "0" * 64}}))
+    with pytest.raises(BackendError, match="the sidecar describes another engine"):
+        TensorRTBackend(eng)
 
 
 # ---- TensorRT: execution (NVIDIA GPU + a TensorRT runtime that supports it) ----------------------------------
@@ -278,8 +410,6 @@ def engine(onnx_files, tmp_path_factory: pytest.TempPathFactory):
     if reason:
         print(f"\nskipping TensorRT execution tests: {reason}")
         pytest.skip(reason)
-    from rawdiff_export.trt_build import build_engine
-
     model, _, fp16 = onnx_files
     d = tmp_path_factory.mktemp("engine")
     res = build_engine(fp16, d / "tiny.plan", options=BuildOptions(min_batch=1, opt_batch=8, max_batch=16))
@@ -342,3 +472,47 @@ def test_trt_backend_refuses_foreign_engine_and_rebuilds(engine, tmp_path: Path)
     with TensorRTBackend(foreign, rebuild=True) as b:
         assert b.engine_path != foreign and b.engine_path.parent == tmp_path
         assert b(*(v.cuda() for v in _batch(2))).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_graph_mode_and_runtime_cache(engine) -> None:
+    """Our engines are built with REQUIRE_USER_ALLOCATION: rawdiff records the graph itself where TensorRT-RTX says
+    the context is stream-capturable; TensorRT-RTX's runtime cache is saved beside the engine on close."""
+    _, res = engine
+    with TensorRTBackend(res.engine_path, cuda_graph=True) as b:
+        assert b.graph_mode in ("manual", "native")
+        if not b.trt.is_rtx:
+            assert b.graph_mode == "manual"
+        out = b(*(v.cuda() for v in _batch(4)))
+        assert torch.isfinite(out).all()
+        rtx = b.trt.is_rtx
+    if rtx:
+        assert runtime_cache_path(res.engine_path).stat().st_size > 0
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_refuses_a_sidecar_of_another_engine(engine, tmp_path: Path) -> None:
+    _, res = engine
+    side = json.loads(res.sidecar_path.read_text())
+    side["profile"]["max_batch"] = 512
+    liar = tmp_path / "liar.plan"
+    liar.write_bytes(res.engine_path.read_bytes())
+    sidecar_path(liar).write_text(json.dumps(side))
+    with pytest.raises(BackendError, match="sidecar of another engine"):
+        TensorRTBackend(liar)
+
+
+@pytest.mark.tensorrt
+def test_trt_backend_rebuild_on_the_second_gpu(engine, tmp_path: Path) -> None:
+    """Bug: a rebuild for cuda:1 built for, and described, GPU 0."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    _, res = engine
+    side = json.loads(res.sidecar_path.read_text())
+    side["tensorrt"]["version"] = "0.0.1"
+    foreign = tmp_path / "foreign.plan"
+    foreign.write_bytes(res.engine_path.read_bytes())
+    sidecar_path(foreign).write_text(json.dumps(side))
+    with TensorRTBackend(foreign, device="cuda:1", rebuild=True) as b:
+        assert b.sidecar["target"]["built_on_gpu"] == torch.cuda.get_device_name(1)
+        assert b(*(v.cuda(1) for v in _batch(2))).device == torch.device("cuda", 1)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from rawdiff_export import (BuildOptions, ExportError, check_graph, export_checkpoint, export_onnx, onnx_parity,
-                            op_dtype_counts, read_onnx_info, read_onnx_meta)
+from rawdiff_export import (BuildOptions, EngineBuildError, ExportError, OnnxInfoError, check_graph, export_checkpoint,
+                            export_onnx, onnx_parity, op_dtype_counts, read_onnx_info, read_onnx_meta)
 from rawdiff_export.cli import main
 from rawdiff_export.onnx_export import _rel_error
 from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint, save_checkpoint
@@ -166,12 +166,12 @@ def test_read_onnx_meta_rejects_foreign_files(tmp_path: Path, exported) -> None:
     proto = onnx.load(str(res.fp32_path))
     del proto.metadata_props[:]
     onnx.save(proto, tmp_path / "plain.onnx")
-    with pytest.raises(ExportError, match="without a rawdiff description"):
+    with pytest.raises(OnnxInfoError, match="without a rawdiff description"):
         read_onnx_meta(tmp_path / "plain.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01junk")
-    with pytest.raises(ExportError):
+    with pytest.raises(OnnxInfoError):
         read_onnx_meta(tmp_path / "junk.onnx")
-    with pytest.raises(ExportError, match="no such"):
+    with pytest.raises(OnnxInfoError, match="no such"):
         read_onnx_meta(tmp_path / "missing.onnx")
 
 
@@ -241,9 +241,9 @@ def test_tensorrt_rtx_options(tmp_path: Path, exported) -> None:
     from rawdiff_export.trt_build import build_engine
 
     _, _, res = exported
-    with pytest.raises(ExportError, match="not supported by TensorRT-RTX"):
+    with pytest.raises(EngineBuildError, match="not supported by TensorRT-RTX"):
         build_engine(res.fp16_path, tmp_path / "e.plan", options=BuildOptions(version_compatible=True), trt=trt)
-    with pytest.raises(ExportError, match="cannot target compute capability 9.0"):
+    with pytest.raises(EngineBuildError, match="cannot target compute capability 9.0"):
         build_engine(res.fp16_path, tmp_path / "e.plan", options=BuildOptions(compute_capabilities=("sm90",)), trt=trt)
     assert not (tmp_path / "e.plan").exists()
     out = build_engine(res.fp16_path, options=BuildOptions(max_batch=32, opt_batch=8,
@@ -265,7 +265,9 @@ def test_no_half_precision_builder_flag_in_code() -> None:
     """FP16 must come from the graph (strongly typed); the weakly typed flag is never named, not even guarded."""
     root = Path(__file__).resolve().parents[1]
     half = "FP" + "16"  # spelled in two parts so that this test itself does not name the flag
-    for f in [*(root / "export").glob("*.py"), root / "rawdiff_infer" / "backends" / "tensorrt.py"]:
+    files = [*(root / "export").glob("*.py"), *(root / "rawdiff_infer" / "backends").glob("*.py")]
+    assert len(files) > 8
+    for f in files:
         text = f.read_text()
         assert f"BuilderFlag.{half}" not in text and f'"{half}"' not in text and f"'{half}'" not in text, f
 
@@ -318,7 +320,7 @@ def test_cli_bad_checkpoint(tmp_path: Path, content: bytes) -> None:
     bad.write_bytes(content)
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["--ckpt", str(bad), "--out", str(out), "-q"])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # a bad checkpoint is found before any compute
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("rawdiff-export: error: ") and str(bad) in lines[0], r.output
     assert "Traceback" not in r.output
@@ -328,7 +330,7 @@ def test_cli_bad_checkpoint(tmp_path: Path, content: bytes) -> None:
 
 def test_cli_missing_checkpoint_and_usage(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["--ckpt", str(tmp_path / "none.safetensors"), "-q"])
-    assert r.exit_code == 1 and "no such checkpoint" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no such checkpoint" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["--ckpt", "x", "--min-batch", "8", "--max-batch", "4", "-q"])
     assert r.exit_code == 2 and "min <= opt <= max" in r.output
     r = CliRunner().invoke(main, ["--ckpt", "x", "--opset", "16"])

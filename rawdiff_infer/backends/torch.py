@@ -75,6 +75,8 @@ class TorchBackend(Backend):
         self._forward = self.model.forward
         #: the compile-cache folder this backend configured (None: not compiling, or torch's own setting kept)
         self.compile_cache_dir: Path | None = None
+        #: torch.compile mode in use ("default", "reduce-overhead", ...), None when eager
+        self.compile_mode: str | None = None
         if compile:
             if compile_cache is not False:
                 explicit = compile_cache is not None and compile_cache is not True
@@ -84,8 +86,8 @@ class TorchBackend(Backend):
                     if explicit:
                         raise BackendError(str(e)) from None
                     log.warning("%s; torch.compile keeps torch's own cache setting", e)  # the default: never fatal
-            mode = compile if isinstance(compile, str) else "default"
-            self._forward = torch.compile(self.model, mode=mode, fullgraph=True, dynamic=False)
+            self.compile_mode = compile if isinstance(compile, str) else "default"
+            self._forward = torch.compile(self.model, mode=self.compile_mode, fullgraph=True, dynamic=False)
         self.cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: tuple[torch.Tensor, ...] | None = None
@@ -164,6 +166,9 @@ class TorchBackend(Backend):
         self._static = None
 
     def describe(self) -> str:
-        extra = [s for s, on in (("channels_last", self.channels_last), ("compiled", self._forward is not self.model.forward),
+        compiled = None
+        if self.compile_mode is not None:
+            compiled = "compiled" if self.compile_mode == "default" else f"compiled({self.compile_mode})"
+        extra = [s for s, on in (("channels_last", self.channels_last), (compiled, compiled is not None),
                                  ("cuda-graph", self.cuda_graph)) if on]
         return super().describe() + (" " + ",".join(extra) if extra else "")
