@@ -30,6 +30,7 @@ from rawdiff_infer.backends.trt_build import (BuildOptions, BuildResult, EngineB
 from rawdiff_infer.backends.trt_runtime import INSTALL_HINT, TensorRT, TensorRTNotFound, load_tensorrt
 from rawdiff_infer.backends.trt_sidecar import detect_gpu, sidecar_path
 from rawdiff_infer.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from rawdiff_infer.console import OneLineCommand
 from rawdiff_infer.interrupts import Interrupted, handle_interrupts
 from rawdiff_infer.messages import first_line, show_path
 
@@ -84,6 +85,8 @@ class ExportOptions:
     force: bool
     quiet: bool
     verbose: bool
+    aoti: str | None = None  # device of an AOTInductor package to build too (cpu, cuda, cuda:N)
+    aoti_precision: str | None = None
 
     @classmethod
     def from_params(cls, p: dict[str, Any]) -> ExportOptions:
@@ -100,7 +103,8 @@ class ExportOptions:
         return cls(ckpt=ckpt, out_dir=Path(p["out_dir"]) if p["out_dir"] else default_out_dir(ckpt),
                    stem=output_stem(ckpt), onnx_only=p["onnx_only"], engine_precision="fp16" if p["fp16"] else "fp32",
                    build=build, patch_size=p["patch_size"], opset=p["opset"], parity=not p["no_parity"],
-                   force=p["force"], quiet=p["quiet"], verbose=p["verbose"])
+                   force=p["force"], quiet=p["quiet"], verbose=p["verbose"], aoti=p.get("aoti"),
+                   aoti_precision=p.get("aoti_precision"))
 
     def say(self, msg: str) -> None:
         """Progress on stderr (silent with --quiet)."""
@@ -116,6 +120,7 @@ class Plan:
     trt: TensorRT | None  # None: no engine step
     engine: Path | None
     engine_note: str  # why there is no engine step ("" when there is one)
+    aoti: Path | None = None  # the AOTInductor package to build (None: no such step)
 
 
 def _os_message(e: OSError) -> str:
@@ -136,14 +141,55 @@ def _plan(opts: ExportOptions) -> Plan:
                        EXIT_USAGE)
     onnx = onnx_targets(opts.out_dir, opts.stem)
     trt, engine, note = _engine_plan(opts, onnx[opts.engine_precision])
-    outputs = [*onnx.values(), *([engine, sidecar_path(engine)] if engine else [])]
+    aoti = _aoti_target(opts)
+    outputs = [*onnx.values(), *([engine, sidecar_path(engine)] if engine else []), *([aoti] if aoti else [])]
     try:
         check_targets(outputs, overwrite=opts.force)
         if opts.build.timing_cache and trt is not None:
             check_targets([Path(opts.build.timing_cache)], overwrite=True)  # a cache is refreshed; a FIFO is not
     except OSError as e:
         raise CliError(_os_message(e), EXIT_USAGE) from None
-    return Plan(onnx=onnx, trt=trt, engine=engine, engine_note=note)
+    return Plan(onnx=onnx, trt=trt, engine=engine, engine_note=note, aoti=aoti)
+
+
+def _aoti_target(opts: ExportOptions) -> Path | None:
+    """Where ``--aoti`` writes its package (exit 2 for a device that cannot build one here)."""
+    if opts.aoti is None:
+        return None
+    from .aoti_export import default_aoti_path
+
+    try:
+        return default_aoti_path(opts.out_dir, opts.stem, opts.aoti, opts.aoti_precision)  # type: ignore[arg-type]
+    except (ExportError, RuntimeError, ValueError) as e:
+        raise CliError(f"--aoti {opts.aoti}: {first_line(e)}", EXIT_USAGE) from None
+
+
+#: largest max relative error accepted between an AOTInductor package and the eager model, by precision
+AOTI_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+
+
+def _aoti(opts: ExportOptions, plan: Plan, model: Any, meta: Any, sha: str) -> tuple[Path, float | None] | None:
+    """The AOTInductor package, parity-checked against the eager model (a failed check removes it: exit 1)."""
+    if plan.aoti is None:
+        return None
+    from .aoti_export import aoti_parity, export_aoti
+
+    opts.say(f"building the AOTInductor package {show_path(plan.aoti)} for {opts.aoti} (minutes on a CPU)")
+    try:
+        path = export_aoti(model, meta, plan.aoti, device=opts.aoti, precision=opts.aoti_precision,  # type: ignore
+                           patch_size=opts.patch_size, max_batch=opts.build.max_batch, checkpoint_sha256=sha,
+                           overwrite=opts.force)
+    except ExportError as e:
+        raise CliError(f"{first_line(e)} (the ONNX files were written)") from None
+    if not opts.parity:
+        return path, None
+    err, _ = aoti_parity(path, model)
+    precision = opts.aoti_precision or ("fp16" if str(opts.aoti).startswith("cuda") else "fp32")
+    if not err <= AOTI_TOLERANCE[precision]:  # NaN fails too
+        path.unlink(missing_ok=True)
+        raise CliError(f"{show_path(path)}: max relative error {err:.2e} against the eager model is above "
+                       f"{AOTI_TOLERANCE[precision]:.0e}; the package was removed")
+    return path, err
 
 
 def _check_out_dir(out: Path) -> None:
@@ -257,7 +303,13 @@ def run(opts: ExportOptions) -> int:
     model, meta, sha = _load(opts)
     exported = _export(opts, model, meta, sha)
     engine = _build(opts, plan, exported)
+    aoti = _aoti(opts, plan, model, meta, sha)
     _report(opts, plan, exported, engine, time.perf_counter() - t0)
+    if aoti is not None and not opts.quiet:
+        click.echo(f"  AOTInductor      {aoti[0]}  ({aoti[0].stat().st_size / 1e6:.1f} MB)"
+                   + (f", max relative error {aoti[1]:.2e} against the eager model" if aoti[1] is not None else ""))
+    elif aoti is not None:
+        click.echo(str(aoti[0]))
     return EXIT_OK
 
 
@@ -267,7 +319,8 @@ def _stopped(e: Interrupted) -> None:
     click.echo(f"rawdiff-export: {e.verb}; no partial files were left", err=True)
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("rawdiff-export", cls=OneLineCommand, help=HELP,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--ckpt", required=True, help="rawdiff checkpoint: a .safetensors file or a sharded folder.")
 @click.option("--out", "out_dir", type=click.Path(), help="Output folder (default: next to --ckpt).")
 @click.option("--onnx-only", is_flag=True, help="Write the ONNX files only; no TensorRT engine.")
@@ -285,6 +338,10 @@ def _stopped(e: Interrupted) -> None:
 @click.option("--hardware-compatible", is_flag=True, help="Engine runs on any Ampere+ GPU (TensorRT only).")
 @click.option("--compute-capability", "ccs", multiple=True, metavar="CC",
               help="TensorRT-RTX target(s), e.g. 8.6 or sm89,sm120 (default: this GPU, or RTX's defaults).")
+@click.option("--aoti", metavar="DEVICE", help="Also build an AOTInductor package (PyTorch's ahead-of-time engine; "
+              "runs on Hopper where TensorRT cannot) for cpu, cuda or cuda:N of this machine: <name>.<target>.pt2.")
+@click.option("--aoti-precision", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Precision inside the package (default: fp16 on CUDA, fp32 on the CPU).")
 @click.option("--no-parity", is_flag=True, help="Skip the onnxruntime-vs-torch parity check (publishes unchecked).")
 @click.option("--force", is_flag=True, help="Replace existing ONNX files, engine and sidecar.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary; the written paths and errors only.")
