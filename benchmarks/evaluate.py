@@ -33,6 +33,8 @@ from typing import Any
 import click
 import numpy as np
 
+from rawdiff_infer.console import OneLineCommand
+
 __all__ = ["EvalCase", "EvalRow", "evaluate", "main", "photo_cases", "raw_cases", "summarise"]
 
 log = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def table(summary: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "", *, overwrite: bool = False) -> None:
     """PSNR against model evaluations, one line per method (and options), the baseline as a horizontal line."""
     import matplotlib
 
@@ -206,11 +208,15 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from rawdiff_infer.fsio import atomic_write
+
+    with atomic_write(path, overwrite=overwrite) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
-@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("rawdiff-eval", cls=OneLineCommand, help=__doc__,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--photos", type=click.Path(exists=True, file_okay=False), help="Folder of sRGB photos (synthetic "
               "camera of the model).")
 @click.option("--raw", "raw_dir", type=click.Path(exists=True, file_okay=False), help="Folder of camera RAW files "
@@ -227,8 +233,9 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "") -
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PSNR against evaluations (PNG).")
+@click.option("--force", is_flag=True, help="Replace existing --json / --plot files.")
 def cli(photos, raw_dir, ckpt, specs, seeds, crop, stride, grid, batch_size, device, dtype, json_path,
-        plot_path) -> None:
+        plot_path, force) -> None:
     import torch
 
     from rawdiff_infer.backends import default_checkpoint
@@ -243,9 +250,14 @@ def cli(photos, raw_dir, ckpt, specs, seeds, crop, stride, grid, batch_size, dev
             SamplerConfig.from_spec(spec)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    for p in (json_path, plot_path):
-        if p and not Path(p).resolve().parent.is_dir():
-            raise click.UsageError(f"{p}: its folder does not exist")
+    from rawdiff_infer.plan import UsageError, check_output_file
+
+    try:
+        for p in (json_path, plot_path):
+            if p:
+                check_output_file(p, force=force)
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dt = dtype if dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
@@ -259,18 +271,20 @@ def cli(photos, raw_dir, ckpt, specs, seeds, crop, stride, grid, batch_size, dev
     summary = summarise(rows)
     click.echo(table(summary))
     if json_path:
-        Path(json_path).write_text(json.dumps({"device": device, "model": str(ckpt or default_checkpoint()),
-                                               "crop": crop, "stride": stride, "grid": grid,
-                                               "images": [c.name for c in cases], "summary": summary,
-                                               "rows": [asdict(r) for r in rows]}, indent=1))
+        from rawdiff_infer.fsio import write_bytes
+
+        write_bytes(json_path, json.dumps({"device": device, "model": str(ckpt or default_checkpoint()),
+                                           "crop": crop, "stride": stride, "grid": grid,
+                                           "images": [c.name for c in cases], "summary": summary,
+                                           "rows": [asdict(r) for r in rows]}, indent=1).encode(), overwrite=force)
     if plot_path:
-        plot(summary, plot_path, title=f"{len(cases)} held-out images, {device}")
+        plot(summary, plot_path, title=f"{len(cases)} held-out images, {device}", overwrite=force)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="rawdiff-eval: %(levelname)s: %(message)s")
     try:
-        cli.main(args=argv, prog_name="rawdiff-eval", standalone_mode=True)
+        cli.main(args=argv, prog_name="rawdiff-eval")
     except KeyboardInterrupt:
         click.echo("rawdiff-eval: interrupted", err=True)
         sys.exit(130)

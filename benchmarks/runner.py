@@ -17,7 +17,14 @@ from rawdiff_infer.model import UNet, UNetConfig
 from .bench import (IMAGE_COLUMNS, UNET_COLUMNS, ImageResult, UnetResult, bench_image, bench_unet, environment,
                     flops_per_patch, format_table, to_json)
 
-__all__ = ["Report", "run_benchmarks", "torch_variant"]
+__all__ = ["BenchPlan", "Report", "load_model", "run_benchmarks", "torch_variant"]
+
+PHOTO_COLUMNS = [("label", "photo", "s"), ("sampler", "sampler", "s"), ("patches", "patches", "d"),
+                 ("seconds", "s/image", ".3f"), ("unet_bound_s", "U-Net bound s", ".3f"),
+                 ("ratio_to_bound", "ratio", ".2f"), ("peak_mem_mb", "peak MiB", ".0f")]
+FOLDER_COLUMNS = [("mode", "loop", "s"), ("frames", "frames", "d"), ("width", "W", "d"), ("height", "H", "d"),
+                  ("packs", "model runs", "d"), ("seconds", "wall s", ".2f"), ("images_per_s", "images/s", ".3f"),
+                  ("model_busy_share", "model busy", ".2f"), ("ratio_to_bound", "ratio to bound", ".2f")]
 
 
 
@@ -26,6 +33,8 @@ class Report:
     env: dict[str, Any]
     unet: list[UnetResult] = field(default_factory=list)
     images: list[ImageResult] = field(default_factory=list)
+    photos: list[Any] = field(default_factory=list)    # userview.PhotoResult
+    folders: list[Any] = field(default_factory=list)   # userview.FolderResult
 
     def table(self) -> str:
         env = ", ".join(f"{k}={v}" for k, v in self.env.items())
@@ -34,12 +43,23 @@ class Report:
         if self.images:
             parts += ["", "Whole images (denoise = median over repeats):",
                       format_table([asdict(r) for r in self.images], IMAGE_COLUMNS)]
+        if self.photos:
+            parts += ["", "Photos at rawdiff-infer's defaults (seconds per image; bound = evaluations x patches x "
+                      "ms per patch):", format_table([asdict(r) for r in self.photos], PHOTO_COLUMNS)]
+        if self.folders:
+            parts += ["", "Folders (images per second; model busy = share of the wall time inside model calls):",
+                      format_table([asdict(r) for r in self.folders], FOLDER_COLUMNS)]
         return "\n".join(parts)
 
     def json(self) -> str:
-        return to_json(self.env, self.unet, self.images)
+        import json
 
-    def plot(self, path: str | Path) -> None:
+        data = json.loads(to_json(self.env, self.unet, self.images))
+        data["photos"] = [asdict(r) for r in self.photos]
+        data["folders"] = [asdict(r) for r in self.folders]
+        return json.dumps(data, indent=1)
+
+    def plot(self, path: str | Path, *, overwrite: bool = False) -> None:
         """µs per patch against batch size for every variant (and time per image against PSNR when known)."""
         import matplotlib
 
@@ -70,7 +90,10 @@ class Report:
             ax2.set_ylabel("PSNR on RAW (dB)")
             ax2.grid(True, alpha=0.3)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        from rawdiff_infer.fsio import atomic_write
+
+        with atomic_write(path, overwrite=overwrite) as f:
+            fig.savefig(f, dpi=120, format="png")
         plt.close(fig)
 
 
@@ -97,67 +120,120 @@ def _onnx_backend(model: UNet, meta: ModelMeta, model_file: str | None, device: 
     return OnnxRuntimeBackend.from_file(model_file, device=device)
 
 
-def run_benchmarks(*, ckpt: str | None, config_name: str, backends: Sequence[str], model_file: str | None,
-                   variants: Sequence[str], dtypes: Sequence[str], batches: Sequence[int], patch_size: int,
-                   image_sizes: Sequence[int], image_files: Sequence[str], samplers: Sequence[str],
-                   steps: int | None, merge: str, device: str, warmup: int, repeats: int,
-                   step_graphs: Sequence[bool] = (False,),
+@dataclass(frozen=True)
+class BenchPlan:
+    """Everything rawdiff-bench was asked to measure (built by the command line, or by a script)."""
+
+    backends: Sequence[str] = ("torch",)
+    model_file: str | None = None
+    variants: Sequence[str] = ()
+    dtypes: Sequence[str] = ()
+    batches: Sequence[int] = (64,)
+    patch_size: int = 64
+    image_sizes: Sequence[int] = ()
+    image_files: Sequence[str] = ()
+    samplers: Sequence[str] = ("dpm",)
+    steps: int | None = None
+    merge: str = "step"
+    warmup: int = 3
+    repeats: int = 10
+    step_graphs: Sequence[bool] = (False,)
+    photos: Sequence[tuple[int, int]] = ()       # (height, width): user view, rawdiff-infer's defaults
+    folder_frames: int = 0
+    frame_shape: tuple[int, int] = (720, 1280)   # (height, width)
+
+
+def load_model(ckpt: str | None, config_name: str) -> tuple[UNet, ModelMeta]:
+    """The checkpoint's model, or random weights of a preset size (speed only)."""
+    if ckpt:
+        return load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
+    return UNet(cfg).eval(), ModelMeta(model=cfg)
+
+
+def _backend(kind: str, v: str, d: str, b: int, model: UNet, meta: ModelMeta, plan: BenchPlan, device: str,
+             tmp: Path) -> Backend:
+    if kind == "torch":
+        return torch_variant(model, meta, v, d, device, b)
+    if kind == "onnx":
+        return _onnx_backend(model, meta, plan.model_file, device, tmp)
+    if not plan.model_file:
+        raise ValueError(f"--backend {kind} needs --model FILE")
+    from rawdiff_infer.backends import open_backend
+
+    return open_backend(kind, plan.model_file, device=device)
+
+
+def _images(be: Backend, name: str, b: int, plan: BenchPlan, images: list[tuple[str, Any]], gflop: float,
+            report: Report, echo: Callable[[str], None]) -> None:
+    for label, img in images:
+        for s in plan.samplers:
+            for sg in plan.step_graphs:
+                if sg and not (be.capturable and plan.merge == "step"):
+                    echo(f"  skip step graph for {name}: needs a capturable CUDA backend and --merge step")
+                    continue
+                echo(f"  image {label} {s} ...")
+                report.images.append(bench_image(be, img, sampler=s, steps=plan.steps, merge=plan.merge,
+                                                 batch_size=b, variant=name, warmup=1,
+                                                 repeats=max(1, min(3, plan.repeats)), gflop=gflop, step_graph=sg))
+
+
+def _user_view(be: Backend, name: str, b: int, ms_per_patch: float, plan: BenchPlan, report: Report,
+               echo: Callable[[str], None]) -> None:
+    """Photos and folders at rawdiff-infer's default settings (sampler, steps, grid, stride; this batch size)."""
+    from rawdiff_infer.cli import InferOptions
+    from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
+    from rawdiff_infer.tiling import TileConfig
+
+    from .userview import bench_folder, bench_photo
+
+    d = InferOptions(inputs=("x",))
+    rec = RawReconstructor(be, sampler=SamplerConfig(method=d.sampler, steps=plan.steps),
+                           tiles=TileConfig(patch_size=be.patch_size, stride=min(d.stride, be.patch_size),
+                                            window=d.window, grid=d.grid, batch_size=b))  # type: ignore[arg-type]
+    for h, w in plan.photos:
+        echo(f"  photo {w}x{h} at rawdiff-infer's defaults ({rec.sampler.label()}, {d.grid} grid) ...")
+        r = bench_photo(rec, h, w, ms_per_patch=ms_per_patch, repeats=max(1, min(3, plan.repeats)))
+        r.label = f"{name} {r.label}"
+        report.photos.append(r)
+    if plan.folder_frames:
+        h, w = plan.frame_shape
+        echo(f"  folder of {plan.folder_frames} frames of {w}x{h}, sequential and pipelined ...")
+        report.folders.extend(bench_folder(rec, plan.folder_frames, h, w, ms_per_patch=ms_per_patch,
+                                           max_pack=d.max_pack))
+
+
+def run_benchmarks(model: UNet, meta: ModelMeta, plan: BenchPlan, *, device: str,
                    echo: Callable[[str], None] = print) -> Report:
     """Run every requested measurement; returns a Report."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device.startswith("cuda")
-    if ckpt:
-        model, meta = load_checkpoint(ckpt)
-    else:
-        torch.manual_seed(0)
-        cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
-        model, meta = UNet(cfg).eval(), ModelMeta(model=cfg)
-    variants = list(variants) or (["eager", "cl"] if cuda else ["eager"])
-    dtypes = list(dtypes) or (["fp16"] if cuda else ["fp32"])
+    variants = list(plan.variants) or (["eager", "cl"] if cuda else ["eager"])
+    dtypes = list(plan.dtypes) or (["fp16"] if cuda else ["fp32"])
     report = Report(env={**environment(), "device": device, "model_params_m": round(
         sum(p.numel() for p in model.parameters()) / 1e6, 2)})
-    gflop = flops_per_patch(model.config, patch_size) / 1e9
+    gflop = flops_per_patch(model.config, plan.patch_size) / 1e9
     rng = np.random.default_rng(0)
-    images: list[tuple[str, Any]] = [(f"{s}x{s}", (rng.random((s, s, 3)) * 255).astype(np.uint8)) for s in image_sizes]
-    images += [(Path(f).name, Path(f)) for f in image_files]
+    images: list[tuple[str, Any]] = [(f"{s}x{s}", (rng.random((s, s, 3)) * 255).astype(np.uint8))
+                                     for s in plan.image_sizes]
+    images += [(Path(f).name, Path(f)) for f in plan.image_files]
     with tempfile.TemporaryDirectory() as td:
-        for kind in backends:
-            combos: list[tuple[str, str]] = ([(v, d) for v in variants for d in dtypes] if kind == "torch"
-                                             else [(kind, "fp32")])
+        for kind in plan.backends:
+            combos = [(v, d) for v in variants for d in dtypes] if kind == "torch" else [(kind, "fp32")]
             for v, d in combos:
-                for b in batches:
-                    if kind == "torch":
-                        if v == "graph" and not cuda:
-                            echo(f"skip torch/{v}: CUDA graphs need a GPU")
-                            continue
-                        be = torch_variant(model, meta, v, d, device, b)
-                    elif kind == "onnx":
-                        be = _onnx_backend(model, meta, model_file, device, Path(td))
-                    else:
-                        from rawdiff_infer.backends.tensorrt import TensorRTBackend
-
-                        if not model_file:
-                            raise ValueError("--backend trt needs --model ENGINE")
-                        be = TensorRTBackend.from_file(model_file, device=device)
+                if kind == "torch" and v == "graph" and not cuda:
+                    echo(f"skip torch/{v}: CUDA graphs need a GPU")
+                    continue
+                for b in plan.batches:
+                    be = _backend(kind, v, d, b, model, meta, plan, device, Path(td))
                     name = f"{kind}/{v}" if kind == "torch" else kind
                     echo(f"measuring {name} {d} batch {b} ...")
-                    r = bench_unet(be, batch=b, patch=patch_size, variant=name, warmup=warmup, repeats=repeats,
-                                   gflop=gflop)
+                    r = bench_unet(be, batch=b, patch=plan.patch_size, variant=name, warmup=plan.warmup,
+                                   repeats=plan.repeats, gflop=gflop)
                     r.dtype = d if kind == "torch" else r.dtype
                     report.unet.append(r)
-                    if b == max(batches):
-                        for label, img in images:
-                            for s in samplers:
-                                for sg in step_graphs:
-                                    if sg and not (be.capturable and merge == "step"):
-                                        echo(f"  skip step graph for {name}: needs a capturable CUDA backend "
-                                             "and --merge step")
-                                        continue
-                                    echo(f"  image {label} {s} ...")
-                                    ir = bench_image(be, img, sampler=s, steps=steps, merge=merge, batch_size=b,
-                                                     variant=name, warmup=1, repeats=max(1, min(3, repeats)),
-                                                     gflop=gflop, step_graph=sg)
-                                    report.images.append(ir)
+                    if b == max(plan.batches):
+                        _images(be, name, b, plan, images, gflop, report, echo)
+                        _user_view(be, name, b, r.ms_median / b, plan, report, echo)
                     be.close()
     return report

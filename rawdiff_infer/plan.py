@@ -24,8 +24,8 @@ from pathlib import Path
 from .io import RAW_SUFFIXES, SUPPORTED_INPUT_SUFFIXES, is_supported_image
 from .messages import first_line, show_path
 
-__all__ = ["FORMATS", "Inputs", "Job", "UsageError", "check_outputs", "expand_inputs", "output_dir_of",
-           "plan_outputs", "prepare_output_dir", "shard"]
+__all__ = ["FORMATS", "Inputs", "Job", "UsageError", "check_output_file", "check_outputs", "expand_inputs",
+           "output_dir_of", "plan_outputs", "prepare_output_dir", "shard"]
 
 FORMATS = {"dng": ".dng", "tiff": ".tiff", "npy": ".npy"}
 _SUFFIX_FORMAT = {".dng": "dng", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
@@ -299,3 +299,21 @@ def check_outputs(jobs: list[Job], *, force: bool, resume: bool) -> Checked:
             continue
         res.todo.append(job)
     return res
+
+
+def check_output_file(path: str | os.PathLike[str], *, force: bool) -> None:
+    """A report or plot target (``--json``, ``--plot``): its folder exists and can be written, it is not a folder or
+    another non-regular file, and it is not replaced without ``force``. UsageError (one line) otherwise."""
+    p = Path(path)
+    if (problem := _name_problem(p)) is not None:
+        raise UsageError(f"{show_path(p)}: {problem}")
+    st, problem = _stat(p)
+    if problem:
+        raise UsageError(f"{show_path(p)}: {problem}")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{show_path(p)}: exists and is not a regular file")
+    if st is not None and not force:
+        raise UsageError(f"{show_path(p)}: exists, not overwritten (use --force)")
+    folder = p.parent if str(p.parent) else Path(".")
+    if (problem := probe_directory(folder)) is not None:
+        raise UsageError(f"{show_path(p)}: cannot write to {show_path(folder)}: {problem}")

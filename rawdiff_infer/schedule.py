@@ -107,10 +107,6 @@ class Schedule:
         # log_alphas is decreasing in t: interpolate t over the reversed table
         return np.interp(la, self.log_alphas[::-1], np.arange(self.num_timesteps, dtype=np.float64)[::-1])
 
-    def snr(self, t: np.ndarray | float) -> np.ndarray:
-        """alphabar_t / (1 - alphabar_t)."""
-        return np.exp(2.0 * self.lambda_(t))
-
     # ---- training-time helpers -----------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t eps for integer t [B] (forward process, eq. 3)."""
