@@ -259,7 +259,8 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
 @click.option("--wb", type=click.Choice(["camera", "daylight"]), default="camera", show_default=True,
               help="White balance of RAW pairs.")
 @click.option("--cache", type=click.Path(file_okay=False), help="Cache folder for decoded RAW pairs.")
-@click.option("--val-count", type=click.IntRange(0), default=3, show_default=True, help="Validation images.")
+@click.option("--val-count", type=click.IntRange(0), default=3, show_default=True,
+              help="Validation images (--photos: the held-out photos found, then a seeded split of the others).")
 @click.option("--val-crop", type=click.IntRange(64), default=256, show_default=True, help="Validation crop (px).")
 @click.option("--val-steps", type=click.IntRange(1, 1000), default=10, show_default=True, help="dpm steps.")
 @click.option("--config", "config_name", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True)

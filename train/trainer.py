@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +78,7 @@ def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
 def _finite(name: str, value: float, lo: float, hi: float = math.inf, *, lo_open: bool = False,
             hi_open: bool = False) -> None:
     """Raise ValueError unless ``value`` is a finite real number in the range (open ends as said)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
         left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
@@ -85,7 +86,8 @@ def _finite(name: str, value: float, lo: float, hi: float = math.inf, *, lo_open
 
 
 def _whole(name: str, value: int, lo: int, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo
+            or (hi is not None and value > hi)):
         raise ValueError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
                          + f", got {value!r}")
 
