@@ -453,7 +453,10 @@ def phase_bench(args: SessionArgs, res: Results, device: str, model_state, confi
 
 
 def run_session(args: SessionArgs) -> int:
-    """All phases in order, each within its budget; returns 0 (errors are recorded in results.json)."""
+    """All phases in order, each within its budget (seconds from this call on); returns 0 (errors are recorded in
+    results.json)."""
+    global T0
+    T0 = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stdout)
     out = Path(args.out)
