@@ -5,24 +5,35 @@ one GPU: every phase has a wall-clock budget (seconds since the script started),
 ``--out`` as soon as it exists (results.json is rewritten after each measurement), and a failing phase is logged
 and skipped rather than losing the others.
 
-    python -m rawdiff_bench.gpu_session --photos PHOTOS_DIR --out OUT_DIR [--tiny] [--train-until 300] ...
+    python -m rawdiff_bench.gpu_session --photos PHOTOS_DIR [--photos MORE_DIR] --out OUT_DIR [--tiny] ...
+
+Data: the photos of every ``--photos`` folder, through the fixed synthetic camera, ``--variants`` renderings each,
+with scene augmentation (``--scene-aug``, on by default; ``rawdiff_train.scene_aug``). The held-out photos
+(``rawdiff_train.heldout``: kodim03, kodim07, kodim13, grace_hopper) never train: they are the held-out set of
+the PSNR curve during training (every ``--val-every`` steps, centre crops) and of the sampler table afterwards.
+The curve and the loss log are written to ``--out`` as they grow (results.json ``phases.train.curve``,
+``train_log.csv``). ``--init-weights`` continues from earlier weights (fresh optimizer and lr schedule).
+
+A run longer than one call allows can be split: ``--no-fit-schedule`` stops at ``--train-until`` with the
+schedule of ``--steps`` intact and leaves the trainer state in ``--run-dir``; a second call with
+``--resume-run`` (same data options) continues it to ``--steps``, then evaluates.
 
 ``--tiny`` runs the whole thing with a tiny model, few steps and small images: the CPU rehearsal.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import click
 import numpy as np
 import torch
 
@@ -30,8 +41,48 @@ from rawdiff_infer.fsio import write_bytes
 from rawdiff_infer.metrics import psnr
 
 T0 = time.perf_counter()
-VAL_NAMES = ("kodim03", "kodim07", "kodim13")  # held out from training (768x512 each)
 log = logging.getLogger("gpu_session")
+
+
+@dataclass(frozen=True)
+class SessionArgs:
+    """The command line of one session (see ``cli``; times are seconds since the script started)."""
+
+    photos: tuple[str, ...]
+    out: str
+    tiny: bool = False
+    steps: int = 6000
+    batch: int = 256
+    lr: float = 2e-4
+    warmup: int | None = None
+    init_weights: str | None = None
+    variants: int = 12
+    scene_aug: bool = True
+    workers: int = 16
+    log_every: int = 100
+    val_every: int = 500
+    val_crop: int = 256
+    val_sampler: str = "dpm-sde"
+    val_steps: int = 20
+    train_until: float = 320.0
+    eval_until: float = 420.0
+    bench_until: float = 555.0
+    fit_schedule: bool = True
+    resume_run: bool = False
+    run_dir: str = "/tmp/rawdiff-gpu-run"
+    skip: tuple[str, ...] = ()
+    weights: str | None = None
+
+
+def select_photos(folders) -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos) of the folders: every photo of them (``list_photos``), the held-out
+    ones (``rawdiff_train.heldout``) split off and put in the held-out order (kodim03, kodim07, kodim13 first,
+    the indices at which the synthetic camera rendered them in every earlier session)."""
+    from rawdiff_train.data import list_photos
+    from rawdiff_train.heldout import sort_held_out, split_held_out
+
+    train, held = split_held_out(list_photos(folders))
+    return train, sort_held_out(held)
 
 
 def elapsed() -> float:
@@ -63,86 +114,159 @@ class Results:
         write_bytes(self.path, json.dumps(self.data, indent=1, default=str).encode(), overwrite=True)
 
 
-def make_pairs(files, *, camera, seed: int, variants: int, workers: int):
-    """All (photo, variant) pairs, rendered on the CPU in parallel (Pillow JPEG and torch release the GIL)."""
+def make_pairs(files, *, camera, seed: int, variants: int, workers: int, augmentation=None, crop: int | None = None):
+    """All (photo, variant) pairs, rendered on the CPU in parallel (Pillow JPEG and torch release the GIL); each
+    pair is its photo's ``PhotoPairSource`` item at (seed, epoch = variant, index), so the set does not depend on
+    the number of workers. ``crop``: keep only a centre crop of that size (the CPU rehearsal)."""
+    import dataclasses as dc
+
     from rawdiff_train.data import PhotoPairSource
+    from rawdiff_train.heldout import is_held_out
+    from rawdiff_train.validation import center_crop
+
+    if any(is_held_out(f) for f in files):  # the last line of defence: never train on a held-out photo
+        raise ValueError("a held-out photo was given as training data")
 
     def one(job):
         epoch, i = job
-        src = PhotoPairSource(files, camera=camera, seed=seed)
+        src = PhotoPairSource(files, camera=camera, seed=seed, augmentation=augmentation)
         src.set_epoch(epoch)
-        return src[i]
+        p = src[i]
+        return p if crop is None else dc.replace(p, srgb=center_crop(p.srgb, crop), raw=center_crop(p.raw, crop))
 
     jobs = [(e, i) for e in range(variants) for i in range(len(files))]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with ThreadPoolExecutor(workers) as ex:
-        pairs = list(ex.map(one, jobs))
-    torch.set_num_threads(os.cpu_count() or 4)
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            pairs = list(ex.map(one, jobs))
+    finally:
+        torch.set_num_threads(threads)
     return pairs
 
 
-def phase_train(args, res: Results, device: str):
+class HeldOutCurve:
+    """The held-out PSNR curve during training: a ``ValidationSet`` (centre crops of the held-out photos, the
+    synthetic camera without scene augmentation, one sampler) whose every result is added to results.json at once,
+    with the trainer's loss log copied to ``--out``/train_log.csv, so a killed run still leaves its curve."""
+
+    def __init__(self, vset, names: list[str], res: Results, run_dir: Path, out: Path) -> None:
+        self.vset, self.names, self.res, self.run_dir, self.out = vset, names, res, run_dir, out
+        self.points: list[dict[str, Any]] = []
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        t = time.perf_counter()
+        result = self.vset(model, step)
+        each = dict(zip(self.names, self.vset.last_scores))
+        kodak = [v for k, v in each.items() if k.lower().startswith("kodim")]
+        self.points.append({"step": step, "val_psnr": result["val_psnr"], "val_psnr_kodim": float(np.mean(kodak))
+                            if kodak else None, "psnr_each": each, "seconds": time.perf_counter() - t,
+                            "at": elapsed()})
+        self.res.phase("train", curve=self.points)
+        log_csv = self.run_dir / "log.csv"
+        if log_csv.is_file():
+            write_bytes(self.out / "train_log.csv", log_csv.read_bytes(), overwrite=True)
+        log.info("step %d: held-out PSNR %.2f dB (%.1f s)", step, result["val_psnr"], time.perf_counter() - t)
+        return result
+
+
+def _curve(args: SessionArgs, res: Results, device: str, cam, meta, val_files: list[Path]) -> HeldOutCurve | None:
+    """The held-out curve's fixed inputs: each held-out photo rendered once (seed 10_000, as in phase_eval)."""
+    if not val_files:
+        return None
+    from rawdiff_infer.rawspace import RawEncoding
+    from rawdiff_train.data import PhotoPairSource
+    from rawdiff_train.validation import ValidationSet, center_crop
+
+    enc = RawEncoding()
+    src = PhotoPairSource(val_files, camera=cam, seed=10_000)
+    vals = [src[i] for i in range(len(src))]
+    inputs = [center_crop(np.round(np.clip(v.srgb, 0, 1) * 255).astype(np.uint8), args.val_crop) for v in vals]
+    targets = [center_crop(enc.encode(v.raw.astype(np.float32)), args.val_crop) for v in vals]
+    vset = ValidationSet(inputs, targets, meta, device=device, method=args.val_sampler, steps=args.val_steps)
+    res.phase("train", curve_setup={"crop": args.val_crop, "sampler": args.val_sampler, "steps": args.val_steps,
+                                    "every": args.val_every, "images": [p.name for p in val_files]})
+    return HeldOutCurve(vset, [p.name for p in val_files], res, Path(args.run_dir), Path(args.out))
+
+
+def phase_train(args: SessionArgs, res: Results, device: str):
     from rawdiff_infer.camera import get_camera
     from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
     from rawdiff_infer.model import UNetConfig
     from rawdiff_infer.schedule import ScheduleConfig
-    from rawdiff_train.pool import PairPool
-    from rawdiff_train.trainer import TrainConfig, Trainer
-
-    photos = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    train_files = [p for p in photos if p.stem not in VAL_NAMES]
-    val_files = [p for p in photos if p.stem in VAL_NAMES]
     from rawdiff_train.camera_isp import described_camera
+    from rawdiff_train.pool import PairPool
+    from rawdiff_train.scene_aug import SceneAugmentation
+    from rawdiff_train.trainer import TrainConfig, Trainer, TrainingDiverged
 
+    train_files, val_files = select_photos(args.photos)
+    augmentation = SceneAugmentation() if args.scene_aug else None
     cam = described_camera(get_camera("nikon-d700"))
     t = time.perf_counter()
-    pairs = make_pairs(train_files, camera=cam, seed=0, variants=args.variants, workers=args.workers)
+    pairs = make_pairs(train_files, camera=cam, seed=0, variants=args.variants, workers=args.workers,
+                       augmentation=augmentation, crop=192 if args.tiny else None)
     pool = PairPool(pairs, device=device, patch=64)
     del pairs
     res.phase("train", data_seconds=time.perf_counter() - t, pool_images=len(pool), pool_mb=pool.nbytes / 1e6,
               train_files=[p.name for p in train_files], val_files=[p.name for p in val_files])
     cfg_model = UNetConfig.tiny() if args.tiny else UNetConfig()
     meta = ModelMeta(model=cfg_model, schedule=ScheduleConfig(), camera=cam, provenance={
-        "data": "synthetic camera (nikon-d700) over shared/data/photos",
+        "data": "synthetic camera (nikon-d700) over " + ", ".join(str(p) for p in args.photos),
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
-        "variants_per_photo": args.variants})
+        "held_out_files": [p.name for p in val_files], "variants_per_photo": args.variants,
+        "scene_augmentation": augmentation.to_dict() if augmentation is not None else None})
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
                       warmup=args.warmup if args.warmup is not None else min(1000, args.steps // 5), ema_decay=0.999,
-                      compile=device.startswith("cuda"), bf16=True, log_every=100 if not args.tiny else 5,
-                      ckpt_every=10**9, val_every=10**9)
-    trainer = Trainer(pool, Path(args.run_dir), config=cfg, meta=meta, device=device)
+                      compile=device.startswith("cuda"), bf16=True, log_every=args.log_every,
+                      ckpt_every=10**9, val_every=args.val_every)
+    curve = _curve(args, res, device, cam, meta, val_files)
+    trainer = Trainer(pool, Path(args.run_dir), config=cfg, meta=meta, device=device, validate=curve)
     prior_steps = 0
     if args.init_weights:  # fine-tune: continue from earlier weights with a fresh optimizer and lr schedule
         origin = trainer.init_from(args.init_weights)
         prior_steps = int(origin.get("train_steps_total", origin.get("train_steps", 0)) or 0)
         meta.provenance["initialised_from"] = origin
         res.phase("train", initialised_from=origin, prior_steps=prior_steps)
+    latest = Path(args.run_dir) / "latest"
+    if args.resume_run:  # continue the state an earlier call left (same data options, same schedule)
+        trainer.load(Path(args.run_dir) / latest.read_text().strip())
+        res.phase("train", resumed_at_step=trainer.step)
+    elif curve is not None:
+        curve(trainer.ema, 0)  # where the curve starts (the --init-weights model, or noise)
     budget = args.train_until - elapsed()
     res.phase("train", budget_seconds=budget, config=asdict(cfg))
     t = time.perf_counter()
+    fit = args.fit_schedule
     try:
-        rows = trainer.run(progress=False, max_seconds=budget)
+        rows = trainer.run(progress=False, max_seconds=budget, fit_schedule=fit)
+    except TrainingDiverged:
+        raise  # no fallback, no weights: the error is recorded by the caller
     except Exception as e:  # compile trouble: fall back to eager and go on
         res.error("train (compiled)", e)
-        trainer.cfg = TrainConfig(**{**asdict(cfg), "compile": False})
+        trainer.cfg = TrainConfig(**{**asdict(trainer.cfg), "compile": False})
         trainer._fwd = trainer.net
-        rows = trainer.run(progress=False, max_seconds=args.train_until - elapsed())
+        rows = trainer.run(progress=False, max_seconds=args.train_until - elapsed(), fit_schedule=fit)
     train_s = time.perf_counter() - t
-    res.phase("train", steps=trainer.step, seconds=train_s, log=rows,
+    res.phase("train", steps=trainer.step, planned_steps=trainer.cfg.steps, seconds=train_s, log=rows,
               final_loss=rows[-1]["loss"] if rows else None,
               samples_per_s=rows[-1]["samples_per_s"] if rows else None)
+    if (Path(args.run_dir) / "log.csv").is_file():
+        write_bytes(Path(args.out) / "train_log.csv", (Path(args.run_dir) / "log.csv").read_bytes(), overwrite=True)
+    trainer.check_finite()  # never write non-finite weights
+    if trainer.step < trainer.cfg.steps:
+        log.warning("stopped at step %d of %d (time budget); --resume-run continues from %s", trainer.step,
+                    trainer.cfg.steps, args.run_dir)
     wdir = Path(args.out) / "weights"
     meta_final = ModelMeta(model=cfg_model, schedule=meta.schedule, camera=cam, provenance={
         **meta.provenance, "train_steps": trainer.step, "train_steps_total": prior_steps + trainer.step,
-        "batch_size": cfg.batch_size, "final_loss":
-        rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay, "trained_on": res.data.get("env", {}).get("gpu"),
-        "date": time.strftime("%Y-%m-%d")})
+        "batch_size": cfg.batch_size, "final_loss": rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay,
+        "trained_on": res.data.get("env", {}).get("gpu"), "date": time.strftime("%Y-%m-%d")})
     save_checkpoint(trainer.ema.float(), wdir, meta=meta_final, dtype=torch.float16, shard_bytes=12 << 20)
     res.phase("train", weights=sorted(p.name for p in wdir.iterdir()))
     return trainer.ema, meta_final, val_files
 
 
-def phase_eval(args, res: Results, device: str, ema, meta, val_files):
+def phase_eval(args: SessionArgs, res: Results, device: str, ema, meta, val_files):
     from rawdiff_infer.backends.torch import TorchBackend
     from rawdiff_infer.model import UNet
     from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
@@ -163,7 +287,10 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
     for x, y in zip(inputs, targets):
         lin = srgb_to_linear(torch.from_numpy(x.astype(np.float32) / 255.0)).numpy()
         base.append(psnr(enc.encode(lin), y))
-    res.phase("eval", identity_psnr=float(np.mean(base)), identity_psnr_each=base,
+    names = [p.name for p in val_files]
+    kodak = [i for i, n in enumerate(names) if n.lower().startswith("kodim")]  # the images of earlier sessions
+    res.phase("eval", images=names, identity_psnr=float(np.mean(base)), identity_psnr_each=base,
+              identity_psnr_kodim=float(np.mean([base[i] for i in kodak])) if kodak else None,
               image_sizes=[list(x.shape[:2]) for x in inputs])
     h, w = inputs[0].shape[:2]
     max_patches = max(PatchGrid(x.shape[0], x.shape[1], TileConfig(stride=48)).num_patches for x in inputs)
@@ -172,8 +299,8 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
     cuda = device.startswith("cuda")
     backend = TorchBackend(model, meta, device=device, dtype="fp16" if cuda else "fp32", compile=cuda,
                            cuda_graph=cuda, max_batch_size=max_patches if cuda else None)
-    settings = [("dpm", 10, None), ("dpm", 20, None), ("dpm-single", 20, 3), ("ddim", 50, None),
-                ("ddim", 200, None), ("ddpm", 1000, None)]
+    settings = [("dpm-sde", 20, None), ("dpm-sde", 10, None), ("dpm", 20, None), ("dpm-single", 20, 3),
+                ("ddpm", 1000, None), ("dpm-sde", 50, None), ("ddim", 50, None), ("ddim", 200, None)]
     # one reconstructor per fusion mode; swapping its sampler keeps the recorded step graph (same image size)
     recs = {}
     for merge in ("step", "end"):
@@ -206,11 +333,12 @@ def phase_eval(args, res: Results, device: str, ema, meta, val_files):
                 out = rec.reconstruct(x, seed=k)
                 times.append(time.perf_counter() - t)
                 scores.append(psnr(out.encoded, y))
-                if (method, steps, merge) == ("dpm", 20, "step"):
+                if (method, steps, merge) == ("dpm-sde", 20, "step"):
                     recon[f"pred_{val_files[k].stem}"] = out.encoded.astype(np.float16)
             per_eval = max(per_eval or 0.0, float(np.mean(times)) / steps)
             table.append({"sampler": method, "steps": steps, "order": order, "merge": merge,
-                          "psnr": float(np.mean(scores)), "psnr_each": scores,
+                          "psnr": float(np.mean(scores)), "psnr_each": dict(zip(names, scores)),
+                          "psnr_kodim": float(np.mean([scores[i] for i in kodak])) if kodak else None,
                           "seconds_per_image": float(np.mean(times)),
                           "patches": PatchGrid(h, w, rec.tiles).num_patches,
                           "step_graph": bool(out.extra.get("step_graph"))})
@@ -238,7 +366,7 @@ def _matmul_tflops(device: str) -> float:
     return 10 * 2 * 8192**3 / (ev[0].elapsed_time(ev[1]) / 1e3) / 1e12
 
 
-def phase_bench(args, res: Results, device: str, model_state, config):
+def phase_bench(args: SessionArgs, res: Results, device: str, model_state, config):
     """U-Net throughput of the fast path, the whole-step CUDA graph against per-batch replay on a 2048x2048 image
     (side by side), DDPM-1000 on the fast path, a kernel profile, and one compiler experiment (freezing)."""
     from rawdiff_bench.bench import bench_image, bench_unet, flops_per_patch, profile_unet
@@ -324,25 +452,11 @@ def phase_bench(args, res: Results, device: str, model_state, config):
             ind.freezing = False
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--photos", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tiny", action="store_true", help="CPU rehearsal: tiny model, few steps, small images")
-    ap.add_argument("--steps", type=int, default=6000, help="planned steps (the cosine is fitted to the time)")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    ap.add_argument("--warmup", type=int, help="warm-up steps (default: min(1000, steps / 5))")
-    ap.add_argument("--init-weights", help="fine-tune from these weights (sharded dir or .safetensors)")
-    ap.add_argument("--variants", type=int, default=12)
-    ap.add_argument("--workers", type=int, default=16)
-    ap.add_argument("--train-until", type=float, default=320.0, help="seconds since start")
-    ap.add_argument("--eval-until", type=float, default=420.0)
-    ap.add_argument("--bench-until", type=float, default=555.0)
-    ap.add_argument("--run-dir", default="/tmp/rawdiff-gpu-run", help="trainer state (large; not under --out)")
-    ap.add_argument("--skip", action="append", default=[], choices=["train", "eval", "bench"])
-    ap.add_argument("--weights", help="use these weights instead of training (sharded dir)")
-    args = ap.parse_args(argv)
+def run_session(args: SessionArgs) -> int:
+    """All phases in order, each within its budget (seconds from this call on); returns 0 (errors are recorded in
+    results.json)."""
+    global T0
+    T0 = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stdout)
     out = Path(args.out)
@@ -356,9 +470,9 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     res.set("env", environment())
-    res.set("args", vars(args))
+    res.set("args", asdict(args))
     ema = meta = None
-    val_files = [p for p in sorted(Path(args.photos).iterdir()) if p.stem in VAL_NAMES]
+    val_files = select_photos(args.photos)[1]
     if args.weights:
         from rawdiff_infer.checkpoint import load_checkpoint
 
@@ -389,5 +503,62 @@ def main(argv=None) -> int:
     return 0
 
 
+def _learning_rate() -> click.ParamType:
+    """A finite learning rate in (0, 1]."""
+    from rawdiff_train.cli import FiniteFloat
+
+    return FiniteFloat(0.0, 1.0, lo_open=True)
+
+
+def _seconds() -> click.ParamType:
+    """A finite number of seconds >= 0 ('nan' and 'inf' refused)."""
+    from rawdiff_train.cli import FiniteFloat
+
+    return FiniteFloat(0.0)
+
+
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--photos", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="Photo folder; repeat to combine (e.g. shared/data/photos and train/photos).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Results folder (results.json, weights).")
+@click.option("--tiny", is_flag=True, help="CPU rehearsal: tiny model, few steps, small images.")
+@click.option("--steps", type=click.IntRange(1), default=6000, show_default=True,
+              help="Planned steps (the cosine is fitted to the time unless --no-fit-schedule).")
+@click.option("--batch", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--lr", type=_learning_rate(), default=2e-4, show_default=True, help="Peak learning rate, in (0, 1].")
+@click.option("--warmup", type=click.IntRange(0), help="Warm-up steps (default: min(1000, steps / 5)).")
+@click.option("--init-weights", type=click.Path(exists=True),
+              help="Fine-tune from these weights (sharded dir or .safetensors).")
+@click.option("--variants", type=click.IntRange(1), default=12, show_default=True, help="Renderings per photo.")
+@click.option("--scene-aug/--no-scene-aug", default=True, show_default=True, help="Scene augmentation.")
+@click.option("--workers", type=click.IntRange(1), default=16, show_default=True, help="Rendering threads.")
+@click.option("--log-every", type=click.IntRange(1), default=100, show_default=True, help="Loss log (steps).")
+@click.option("--val-every", type=click.IntRange(1), default=500, show_default=True,
+              help="Held-out PSNR curve (steps).")
+@click.option("--val-crop", type=click.IntRange(64), default=256, show_default=True, help="Curve crop (px).")
+@click.option("--val-sampler", type=click.Choice(["dpm-sde", "dpm", "ddim", "ddpm"]), default="dpm-sde",
+              show_default=True)
+@click.option("--val-steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--train-until", type=_seconds(), default=320.0, show_default=True, help="Seconds since start.")
+@click.option("--eval-until", type=_seconds(), default=420.0, show_default=True)
+@click.option("--bench-until", type=_seconds(), default=555.0, show_default=True)
+@click.option("--fit-schedule/--no-fit-schedule", default=True, show_default=True,
+              help="Shorten the cosine to the time budget; off: stop at the budget, --resume-run continues.")
+@click.option("--resume-run", is_flag=True, help="Continue the trainer state in --run-dir.")
+@click.option("--run-dir", default="/tmp/rawdiff-gpu-run", show_default=True, type=click.Path(file_okay=False),
+              help="Trainer state (large; not under --out).")
+@click.option("--skip", multiple=True, type=click.Choice(["train", "eval", "bench"]))
+@click.option("--weights", type=click.Path(exists=True), help="Use these weights instead of training.")
+def cli(**opts: Any) -> None:
+    if opts["resume_run"] and not (Path(opts["run_dir"]) / "latest").is_file():
+        raise click.UsageError(f"--resume-run: {opts['run_dir']} holds no trainer state")
+    sys.exit(run_session(SessionArgs(**opts)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m rawdiff_bench.gpu_session ...``."""
+    cli.main(args=argv, prog_name="python -m rawdiff_bench.gpu_session")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

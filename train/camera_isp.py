@@ -45,6 +45,12 @@ paper-size model trained 3,610 steps with ``raw_white`` log-uniform in [0.25, 1]
 [0, 1] reached 12 dB on held-out photos, no better than the identity baseline. ``IspRandomization`` therefore
 keeps those two ranges degenerate by default; widen them only to study that ambiguity.
 
+Scene augmentation (``scene_aug.SceneAugmentation``, optional): before the photo's linear sRGB becomes camera
+RGB, each image's scene can be changed by a random 3 x 3 linear map (exposure, illuminant, hue, saturation, a
+small colour matrix). It acts on the scene, not on the ISP, so the pair stays consistent and well posed: the RAW
+target is ``clip(scene_gain * raw_white * C @ T @ lin(photo))`` and the input is rendered from it as above. Off
+(``None``, the default) draws nothing and gives exactly the unaugmented pairs.
+
 All tensor functions run on whatever device their input lives on (CPU or CUDA), in float32, batched. Random
 parameters are always drawn from a *CPU* ``torch.Generator`` (a handful of numbers per image), so a seed gives
 the same parameters on every device.
@@ -63,6 +69,8 @@ import torch
 from PIL import Image
 
 from rawdiff_infer.camera import DEFAULT_CAMERA, SRGB_TO_XYZ, Camera
+
+from .scene_aug import SceneAugmentation, SceneDraw
 
 __all__ = [
     "SRGB_TO_XYZ",
@@ -212,6 +220,8 @@ class IspParams:
         jpeg_subsampling: Pillow chroma subsampling code.
         scene_gain: brightness of the scene relative to the source photo (>= 1 pushes highlights to clip); the
             RAW target is ``scene_gain * raw_white * camera RGB(photo)``. None means 1.
+        scene: the scene augmentation drawn for these images (``scene_aug.SceneDraw``), or None (no
+            augmentation: the scene is the photo).
     """
 
     exposure: torch.Tensor
@@ -220,6 +230,7 @@ class IspParams:
     jpeg_quality: tuple[int | None, ...]
     jpeg_subsampling: int = 2
     scene_gain: torch.Tensor | None = None
+    scene: SceneDraw | None = None
 
     @property
     def overexposure(self) -> torch.Tensor:
@@ -257,6 +268,13 @@ def _check_batch(x: torch.Tensor, name: str) -> None:
 def _apply_matrix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """3x3 matrix times every pixel of [B, 3, H, W]."""
     return torch.einsum("ij,bjhw->bihw", m, x)
+
+
+def _apply_matrices(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-image 3x3 matrices [B, 3, 3] times every pixel of [B, 3, H, W] (float32 on x's device)."""
+    if m.shape != (x.shape[0], 3, 3):
+        raise ValueError(f"need one 3x3 matrix per image ([{x.shape[0]}, 3, 3]), got {tuple(m.shape)}")
+    return torch.einsum("bij,bjhw->bihw", m.to(device=x.device, dtype=torch.float32), x)
 
 
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -320,15 +338,24 @@ class SyntheticCamera:
         return srgb_to_linear(inverse_tone_curve(y, _per_image(tone, y.shape[0], y)))
 
     def unprocess(self, srgb: torch.Tensor, *, exposure: torch.Tensor | float = 1.0,
-                  tone: torch.Tensor | float = 0.0, clip: bool = True) -> torch.Tensor:
+                  tone: torch.Tensor | float = 0.0, clip: bool = True,
+                  scene_matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Inverse ISP: sRGB [B, 3, H, W] in [0, 1] (or uint8) -> linear RAW [B, 3, H, W].
 
         Inverse tone curve, inverse OETF, inverse colour matrix, division by ``exposure``. With ``clip`` (the
         default) the result is clipped to [0, 1]: out-of-gamut negatives become 0 and values above the sensor
         range become 1 (saturation). ``clip=False`` returns the unclipped values (to find those pixels).
+
+        ``scene_matrix`` [B, 3, 3] (``SceneDraw.matrix``): change the scene first, in linear sRGB, before the
+        colour matrix; the product ``cam_from_srgb @ scene_matrix`` is formed in float64 on the CPU, then
+        applied in float32 on the image's device. None (the default) leaves the photo's scene as it is.
         """
         lin = self.srgb_to_scene(srgb, tone=tone)
-        cam = _apply_matrix(self.matrix("cam_from_srgb", lin.device), lin)
+        if scene_matrix is None:
+            cam = _apply_matrix(self.matrix("cam_from_srgb", lin.device), lin)
+        else:
+            c = torch.tensor(self.cam_from_srgb, dtype=torch.float64).view(3, 3)
+            cam = _apply_matrices(c @ scene_matrix.to(device="cpu", dtype=torch.float64), lin)
         raw = cam / _per_image(exposure, lin.shape[0], lin)
         return raw.clamp(0.0, 1.0) if clip else raw
 
@@ -336,9 +363,13 @@ class SyntheticCamera:
 
     def sample_params(self, srgb: torch.Tensor, generator: torch.Generator | None = None,
                       randomization: IspRandomization | None = None, *,
-                      tone: torch.Tensor | None = None) -> IspParams:
+                      tone: torch.Tensor | None = None,
+                      augmentation: SceneAugmentation | None = None) -> IspParams:
         """Draw per-image ISP parameters for the photos ``srgb`` [B, 3, H, W] (the over-exposure gain depends
-        on each image's brightness). ``generator`` must be a CPU generator (or None for torch's default)."""
+        on each image's brightness). ``generator`` must be a CPU generator (or None for torch's default).
+
+        ``augmentation``: also draw a scene change per image (after the ISP's own draws, from the same
+        generator); the over-exposure gain is then set from the changed scene. None draws nothing more."""
         _check_batch(srgb, "srgb")
         r = randomization or IspRandomization()
         b = srgb.shape[0]
@@ -353,10 +384,17 @@ class SyntheticCamera:
         use_jpeg = u[:, 4] < r.jpeg_probability
         q_lo, q_hi = r.jpeg_quality
         quality = (q_lo + torch.floor(u[:, 5] * (q_hi - q_lo + 1)).clamp_max(q_hi - q_lo)).to(torch.int64)
+        scene = None
+        if augmentation is not None:
+            c64 = torch.tensor(self.cam_from_srgb, dtype=torch.float64)
+            scene = augmentation.draw(b, generator, cam_from_srgb=c64)
 
         overexposure = torch.ones(b, dtype=torch.float32)
         if bool(over.any()):
-            peak = self.srgb_to_scene(srgb, tone=tone).amax(dim=1).flatten(1)  # [B, H*W] linear sRGB max channel
+            lin = self.srgb_to_scene(srgb, tone=tone)
+            if scene is not None:
+                lin = _apply_matrices(scene.matrix, lin)
+            peak = lin.amax(dim=1).flatten(1)  # [B, H*W] linear sRGB max channel
             already = (peak >= 1.0 - 1e-6).to(torch.float32).mean(dim=1).cpu()  # clipped in the photo itself
             q = _upper_quantile(peak, (already + frac.to(torch.float32)).clamp_max(1.0)).cpu()
             gain = torch.where(q > 0, 1.0 / q.clamp_min(1e-12), torch.full_like(q, r.max_overexposure))
@@ -364,13 +402,14 @@ class SyntheticCamera:
             overexposure = torch.where(over, gain, overexposure)
         jpeg = tuple(int(qv) if j else None for qv, j in zip(quality.tolist(), use_jpeg.tolist()))
         return IspParams(exposure=1.0 / raw_white, raw_white=raw_white, tone=tone, jpeg_quality=jpeg,
-                         jpeg_subsampling=r.jpeg_subsampling, scene_gain=overexposure)
+                         jpeg_subsampling=r.jpeg_subsampling, scene_gain=overexposure, scene=scene)
 
     # -- pairs -------------------------------------------------------------------------------------------------
 
     def make_pair(self, photo: np.ndarray | torch.Tensor, generator: torch.Generator | int | None = None, *,
                   randomization: IspRandomization | None = None, params: IspParams | None = None,
-                  jpeg: bool | None = None, return_params: bool = False):
+                  jpeg: bool | None = None, return_params: bool = False,
+                  augmentation: SceneAugmentation | None = None):
         """A consistent training pair from a photo: ``(srgb_input, raw_target)`` [, params].
 
         ``photo``: H x W x 3 uint8 (or float [0, 1]) numpy image -> returns two float32 H x W x 3 numpy arrays;
@@ -383,7 +422,9 @@ class SyntheticCamera:
         False for a tensor batch: the batched path is meant for GPU crops and JPEG would force a round trip
         through the CPU (Pillow); pass ``jpeg=True`` to accept that cost.
 
-        ``generator``: a CPU ``torch.Generator`` or an int seed; ``params`` overrides the random draw.
+        ``generator``: a CPU ``torch.Generator`` or an int seed; ``params`` overrides the random draw (its
+        ``scene``, if any, is used; ``augmentation`` is then ignored). ``augmentation``: draw a scene change per
+        image (see the module docstring); None (the default) gives exactly the unaugmented pairs.
         """
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
@@ -391,24 +432,29 @@ class SyntheticCamera:
             if photo.ndim != 3 or photo.shape[2] != 3:
                 raise ValueError(f"photo must be H x W x 3, got {photo.shape}")
             x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
-            srgb, raw, p = self._make_pair_batch(x, generator, randomization, params, True if jpeg is None else jpeg)
+            srgb, raw, p = self._make_pair_batch(x, generator, randomization, params,
+                                                 True if jpeg is None else jpeg, augmentation)
             out = (srgb[0].permute(1, 2, 0).numpy(), raw[0].permute(1, 2, 0).numpy())
         else:
             _check_batch(photo, "photo")
-            out_srgb, out_raw, p = self._make_pair_batch(photo, generator, randomization, params, bool(jpeg))
+            out_srgb, out_raw, p = self._make_pair_batch(photo, generator, randomization, params, bool(jpeg),
+                                                         augmentation)
             out = (out_srgb, out_raw)
         return (*out, p) if return_params else out
 
     def _make_pair_batch(self, photo: torch.Tensor, generator: torch.Generator | None,
-                         randomization: IspRandomization | None, params: IspParams | None,
-                         jpeg: bool) -> tuple[torch.Tensor, torch.Tensor, IspParams]:
+                         randomization: IspRandomization | None, params: IspParams | None, jpeg: bool,
+                         augmentation: SceneAugmentation | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, IspParams]:
         x = _to_unit_float(photo)
         b = x.shape[0]
         if params is None:
-            params = self.sample_params(x, generator, randomization)
+            params = self.sample_params(x, generator, randomization, augmentation=augmentation)
         elif params.exposure.shape != (b,):
             raise ValueError(f"params are for {params.exposure.shape[0]} images, the batch has {b}")
-        raw = self.unprocess(x, exposure=1.0 / (params.raw_white * params.overexposure), tone=params.tone)
+        scene_matrix = params.scene.matrix if params.scene is not None else None
+        raw = self.unprocess(x, exposure=1.0 / (params.raw_white * params.overexposure), tone=params.tone,
+                             scene_matrix=scene_matrix)
         srgb = self.render(raw, exposure=params.exposure, tone=params.tone)
         if jpeg and any(q is not None for q in params.jpeg_quality):
             srgb = _jpeg_batch(srgb, params.jpeg_quality, params.jpeg_subsampling)

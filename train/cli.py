@@ -1,24 +1,46 @@
-"""rawdiff-train: train the paper's model on your camera's RAW files or on plain photos (synthetic camera)."""
+"""rawdiff-train: train the paper's model on your camera's RAW files or on plain photos (synthetic camera).
+
+A thin click layer over the library: every option is checked before any work (numbers finite and in range,
+the device usable, the training configuration consistent), every problem is one line on stderr, and the exit
+status means something:
+
+| status | meaning |
+|---|---|
+| 0 | trained (a checkpoint was written) |
+| 1 | the data, a checkpoint or the run failed (unreadable photos, --init not a checkpoint, divergence, ...) |
+| 2 | bad command line or output folder (checked before any compute) |
+| 130 / 143 / 129 | interrupted by Ctrl-C / SIGTERM / SIGHUP (the last checkpoint is intact; --resume continues) |
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any, Sequence
 
 import click
 
-__all__ = ["main", "cli", "build_data"]
+from rawdiff_infer.messages import first_line, show_path
+
+__all__ = ["main", "cli", "build_data", "FiniteFloat", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 log = logging.getLogger("rawdiff.train")
 
+PROG = "rawdiff-train"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
 HELP = """Train rawdiff's conditional diffusion U-Net.
 
+\b
 Data, one of:
-  --photos DIR   plain sRGB photos; a synthetic camera (--camera) turns each into --variants training pairs
-                 (RAW target by inverting the camera's ISP, sRGB input by re-rendering it with random exposure,
-                 tone curve and JPEG quality).
+  --photos DIR   plain sRGB photos (repeat the option to combine folders); a synthetic camera (--camera) turns
+                 each into --variants training pairs (RAW target by inverting the camera's fixed ISP, sRGB input
+                 re-rendered from it), with random scene exposure, illuminant, hue and saturation
+                 (--scene-aug, on by default) and JPEG quality. The held-out photos (rawdiff_train.heldout:
+                 kodim03, kodim07, kodim13, grace_hopper) never train; they are the validation images.
   --raw DIR      RAW files of one camera, InvISP protocol (sRGB rendered by LibRaw with the camera white
                  balance, JPEG quality 90; RAW target demosaiced, white-balanced, gamma 1/2.2).
   --fivek DIR    the same, with InvISP's train/test list files if given (--train-list / --test-list).
@@ -26,44 +48,179 @@ Data, one of:
 Defaults are the paper's recipe: 64x64 patches, batch 256, Adam, 1k warm-up to 2e-4 then cosine to 2e-6,
 gradient-norm clip 1, 20k steps, eps-MSE; plus EMA weights (saved as the inference checkpoint).
 
+Exit status: 0 done, 1 data / checkpoint / run failure (including divergence: no non-finite checkpoint is ever
+written), 2 bad command line, 130 / 143 / 129 interrupted (the last checkpoint is intact).
+
 \b
 Examples:
   rawdiff-train --photos photos/ --out runs/synth --steps 20000
+  rawdiff-train --photos shared/data/photos --photos train/photos --out runs/synth --init rawdiff_infer/weights
   rawdiff-train --raw nikon_d700/ --out runs/d700 --compile
   torchrun --nproc-per-node 4 -m rawdiff_train.cli --raw nikon_d700/ --out runs/d700   # 4 GPUs, same results
   rawdiff-train --photos photos/ --out runs/synth --resume                              # continue from latest
 """
 
 
-def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_list, val_count, seed, cache):
-    """-> (list of training pairs, list of validation pairs, meta camera, description)."""
+class _Fail(Exception):
+    """A user-facing failure: one line, and the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _err(msg: str) -> None:
+    click.echo(f"{PROG}: {msg}", err=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A finite real number in a range: 'nan', 'inf' and out-of-range values are command-line errors.
+
+    Args:
+        lo, hi: bounds (None: unbounded); ``lo_open`` / ``hi_open`` exclude them.
+    """
+
+    name = "number"
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+
+    def _describe(self) -> str:
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{left}{lo}, {hi}{right}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        below = self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo))
+        above = self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi))
+        if below or above:
+            self.fail(f"{v:g} is not in {self._describe()}", param, ctx)
+        return v
+
+    def __repr__(self) -> str:
+        return f"FiniteFloat{self._describe()}"
+
+
+class _OneLineCommand(click.Command):
+    """A click command whose command-line errors are one line on stderr (``rawdiff-train: error: ...``), exit 2,
+    instead of click's usage block; works the same under click's CliRunner."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.UsageError as e:  # BadParameter, NoSuchOption, MissingParameter, ...
+            _err(f"error: {first_line(e.format_message())}")
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as e:
+            _err(f"error: {first_line(e.format_message())}")
+            sys.exit(e.exit_code)
+        except click.Abort:
+            _err("interrupted")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "auto":
+        return value
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value}: CUDA is not available on this machine") from None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value}: there are {torch.cuda.device_count()} CUDA devices") from None
+    elif dev.type != "cpu":
+        raise click.BadParameter(f"{value}: use auto, cpu, cuda or cuda:N") from None
+    return value
+
+
+def _check_camera(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from rawdiff_infer.camera import get_camera
 
-    from .data import PhotoPairSource, RawPairSource, list_files
+    try:
+        get_camera(value)
+    except ValueError as e:
+        raise click.BadParameter(first_line(e)) from None
+    return value
+
+
+def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_list, val_count, seed, cache,
+               augmentation=None):
+    """Training and validation pairs for the chosen data.
+
+    ``photos``: one folder or a sequence of folders (their photos are combined; two photos of the same name are
+    an error). The held-out photos (``heldout.split_held_out``) are never training pairs: they are the
+    validation photos (up to ``val_count``); if fewer are present, the rest of the validation photos is a
+    seeded random split of the others, as for RAW files. ``augmentation`` (``SceneAugmentation`` or None) acts
+    on the training pairs only: validation pairs are the plain synthetic camera, comparable across runs.
+
+    Returns (training pairs, validation pairs, camera description, provenance dict). Raises ``PhotoError``,
+    ``RawFileError``, ``OSError`` or ``ValueError`` with a one-line message for unusable data.
+    """
+    from rawdiff_infer.camera import get_camera
+
+    from .data import PHOTO_EXTENSIONS, PhotoError, PhotoPairSource, RawPairSource, list_files, list_photos
     from .fivek import read_list_file, select_by_stem, split_files
+    from .heldout import sort_held_out, split_held_out
 
     if photos:
-        files = list_files(photos, (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"))
-        if len(files) <= val_count:
-            raise click.UsageError(f"{photos}: {len(files)} photos, need more than --val-count {val_count}")
-        train_files, val_files = split_files(files, test_fraction=val_count / len(files), seed=seed)
+        folders = [photos] if isinstance(photos, (str, os.PathLike)) else list(photos)
+        files = list_photos(folders)
+        train_files, held = split_held_out(files)
+        held = sort_held_out(held)
+        where = ", ".join(show_path(f) for f in folders)
+        if held:
+            log.info("held out of training (validation only): %s", ", ".join(f.name for f in held))
+        val_files = held[:val_count]
+        if len(val_files) < val_count and train_files:
+            more = val_count - len(val_files)
+            if len(train_files) <= more:
+                raise PhotoError(f"{where}: {len(train_files)} training photos, need more than the {more} "
+                                 f"validation photos still needed for --val-count {val_count}")
+            train_files, extra = split_files(train_files, test_fraction=more / len(train_files), seed=seed)
+            val_files += extra
+        if not files:
+            raise PhotoError(f"{where}: no photos ({', '.join(PHOTO_EXTENSIONS)})")
+        if not train_files:
+            raise PhotoError(f"{where}: no photos to train on ({len(files)} found, {len(held)} of them held out)")
         from .camera_isp import described_camera
 
         cam = described_camera(get_camera(camera))
-        src = PhotoPairSource(train_files, camera=cam, seed=seed)
+        src = PhotoPairSource(train_files, camera=cam, seed=seed, augmentation=augmentation)
         pairs = []
         for epoch in range(variants):
             src.set_epoch(epoch)
             pairs.extend(src[i] for i in range(len(src)))
         val_src = PhotoPairSource(val_files, camera=cam, seed=seed + 10_000)
         val = [val_src[i] for i in range(len(val_src))]
-        desc = {"data": "synthetic camera over photos", "camera": camera, "train_files": [f.name for f in train_files],
-                "val_files": [f.name for f in val_files], "variants_per_photo": variants}
+        desc = {"data": "synthetic camera over photos", "camera": camera,
+                "photo_folders": [str(f) for f in folders], "train_files": [f.name for f in train_files],
+                "val_files": [f.name for f in val_files], "held_out_files": [f.name for f in held],
+                "variants_per_photo": variants,
+                "scene_augmentation": augmentation.to_dict() if augmentation is not None else None}
         return pairs, val, cam, desc
     root = raw or fivek
     from .fivek import RAW_EXTENSIONS
 
     files = list_files(root, RAW_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{show_path(root)}: no RAW files ({', '.join(RAW_EXTENSIONS)})")
     if train_list:
         train_files = select_by_stem(files, read_list_file(train_list))
         test_files = select_by_stem(files, read_list_file(test_list)) if test_list else []
@@ -83,79 +240,137 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
     return pairs, val, cam, desc
 
 
-@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--photos", type=click.Path(exists=True, file_okay=False), help="Folder of sRGB photos.")
+@click.command(cls=_OneLineCommand, help=HELP,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--photos", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of sRGB photos; repeat to combine folders.")
 @click.option("--raw", type=click.Path(exists=True, file_okay=False), help="Folder of RAW files (one camera).")
 @click.option("--fivek", type=click.Path(exists=True, file_okay=False), help="FiveK camera folder (InvISP).")
 @click.option("--train-list", type=click.Path(exists=True, dir_okay=False), help="InvISP train list file.")
 @click.option("--test-list", type=click.Path(exists=True, dir_okay=False), help="InvISP test list file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, log.csv).")
-@click.option("--camera", default="nikon-d700", show_default=True, help="Synthetic camera (see rawdiff_infer.camera).")
+@click.option("--camera", default="nikon-d700", show_default=True, callback=_check_camera,
+              help="Synthetic camera (see rawdiff_infer.camera).")
 @click.option("--variants", type=click.IntRange(1), default=16, show_default=True,
-              help="ISP draws per photo (synthetic camera).")
+              help="ISP and scene draws per photo (synthetic camera).")
+@click.option("--scene-aug/--no-scene-aug", default=True, show_default=True,
+              help="Random scene exposure, illuminant, hue, saturation and colour matrix before the fixed ISP "
+              "(--photos; rawdiff_train.scene_aug.SceneAugmentation defaults).")
 @click.option("--wb", type=click.Choice(["camera", "daylight"]), default="camera", show_default=True,
               help="White balance of RAW pairs.")
 @click.option("--cache", type=click.Path(file_okay=False), help="Cache folder for decoded RAW pairs.")
-@click.option("--val-count", type=click.IntRange(0), default=3, show_default=True, help="Validation images.")
+@click.option("--val-count", type=click.IntRange(0), default=3, show_default=True,
+              help="Validation images (--photos: the held-out photos found, then a seeded split of the others).")
 @click.option("--val-crop", type=click.IntRange(64), default=256, show_default=True, help="Validation crop (px).")
 @click.option("--val-steps", type=click.IntRange(1, 1000), default=10, show_default=True, help="dpm steps.")
 @click.option("--config", "config_name", type=click.Choice(["paper", "tiny"]), default="paper", show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=20_000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Global batch.")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
-@click.option("--lr-min", type=float, default=2e-6, show_default=True)
+@click.option("--lr", type=FiniteFloat(0.0, 1.0, lo_open=True), default=2e-4, show_default=True,
+              help="Peak learning rate, in (0, 1].")
+@click.option("--lr-min", type=FiniteFloat(0.0), default=2e-6, show_default=True,
+              help="Final learning rate of the cosine (0 <= lr-min <= lr).")
 @click.option("--warmup", type=click.IntRange(0), default=1000, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--ema", type=click.FloatRange(0.0, 1.0), default=0.999, show_default=True)
+@click.option("--grad-clip", type=FiniteFloat(0.0, lo_open=True), default=1.0, show_default=True,
+              help="Gradient-norm clip (> 0).")
+@click.option("--ema", type=FiniteFloat(0.0, 1.0, hi_open=True), default=0.999, show_default=True,
+              help="EMA decay, in [0, 1).")
 @click.option("--schedule", type=click.Choice(["scaled_linear", "linear"]), default="scaled_linear", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, callback=_check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast (CUDA).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the training step (CUDA).")
 @click.option("--ckpt-every", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--val-every", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--log-every", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--max-minutes", type=float, help="Stop (and save) after this much wall time.")
+@click.option("--max-minutes", type=FiniteFloat(0.0, lo_open=True), help="Stop (and save) after this much wall time.")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
 @click.option("--init", "init_ckpt", type=click.Path(exists=True),
               help="Fine-tune: start from this model's weights (.safetensors or sharded folder, e.g. "
               "rawdiff_infer/weights) with a fresh optimizer and lr schedule. Same U-Net and noise schedule.")
 @click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs tensorboard).")
 @click.option("-q", "--quiet", is_flag=True)
-def cli(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, cache, val_count, val_crop, val_steps,
-        config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema, schedule, seed, device, bf16,
-        compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt, tensorboard, quiet) -> None:
-    logging.basicConfig(level=logging.INFO if not quiet else logging.WARNING, format="%(levelname)s: %(message)s")
-    if sum(bool(x) for x in (photos, raw, fivek)) != 1:
+@click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an internal error.")
+def cli(**opts: Any) -> None:
+    logging.basicConfig(level=logging.INFO if not opts["quiet"] else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    if sum(bool(opts[k]) for k in ("photos", "raw", "fivek")) != 1:
         raise click.UsageError("give exactly one of --photos, --raw, --fivek")
+    if opts["init_ckpt"] and opts["resume"]:
+        raise click.UsageError("--init (fine-tune from a model) and --resume (continue this run) contradict "
+                               "each other")
+    sys.exit(_guarded(opts))
+
+
+def _guarded(opts: dict[str, Any]) -> int:
+    """Run with interrupt handling; map every failure to one line and an exit status."""
+    from rawdiff_infer.interrupts import Interrupted, handle_interrupts, signal_name
+
+    from .trainer import TrainingDiverged
+
+    def last_words(e: Interrupted) -> None:  # the watchdog's hard exit (the main thread did not unwind in time)
+        _err(f"{e.verb} ({signal_name(e.signum)}); the last checkpoint is intact (--resume continues)")
+
     try:
-        sys.exit(_run(**locals()))
+        with handle_interrupts(last_words):
+            return _run(**opts)
+    except Interrupted as e:
+        last_words(e)
+        return e.exit_code
     except KeyboardInterrupt:
-        click.echo("rawdiff-train: interrupted (the last checkpoint is intact; --resume continues)", err=True)
-        sys.exit(130)
+        _err("interrupted; the last checkpoint is intact (--resume continues)")
+        return 130
+    except click.UsageError:
+        raise
+    except _Fail as e:
+        _err(f"error: {e}")
+        return e.code
+    except TrainingDiverged as e:
+        _err(f"error: {first_line(e)}; lower --lr or raise --warmup")
+        return EXIT_FAILED
+    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback with -v
+        if opts.get("verbose"):
+            import traceback
+
+            traceback.print_exc()
+        _err(f"internal error: {type(e).__name__}: {first_line(e)} (please report it; -v shows the traceback)")
+        return EXIT_FAILED
 
 
-def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, cache, val_count, val_crop, val_steps,
-         config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema, schedule, seed, device, bf16,
-         compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt, tensorboard, quiet) -> int:
+def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, scene_aug, wb, cache, val_count,
+         val_crop, val_steps, config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema,
+         schedule, seed, device, bf16, compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt,
+         tensorboard, quiet, verbose) -> int:
     import torch
     import torch.distributed as dist
 
-    from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.checkpoint import CheckpointError, ModelMeta
     from rawdiff_infer.model import UNetConfig
     from rawdiff_infer.schedule import ScheduleConfig
 
     from .fivek import RawFileError
     from .pool import PairPool
+    from .scene_aug import SceneAugmentation
     from .trainer import TrainConfig, Trainer
     from .validation import ValidationSet, center_crop
 
-    if init_ckpt and resume:
-        click.echo("rawdiff-train: error: --init (fine-tune from a model) and --resume (continue this run) "
-                   "contradict each other", err=True)
-        return 2
+    try:  # every number checked before any work
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_min=lr_min,
+                          warmup=warmup, grad_clip=grad_clip, ema_decay=ema, seed=seed, bf16=bf16,
+                          compile=compile_, ckpt_every=ckpt_every, val_every=val_every, log_every=log_every)
+    except ValueError as e:
+        raise _Fail(f"invalid training settings: {first_line(e)}", EXIT_USAGE) from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % (world * grad_accum):
+        raise _Fail(f"--batch-size {batch_size} must divide by the number of processes x --grad-accum "
+                    f"({world} x {grad_accum})", EXIT_USAGE)
+    out_dir = Path(out)
+    _check_out_dir(out_dir)
+    latest = out_dir / "latest"
+    if resume and not latest.is_file():
+        raise _Fail(f"--resume: {show_path(out)} has no checkpoint yet")
+
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if world > 1 and not dist.is_initialized():
@@ -165,17 +380,22 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, c
     try:
         pairs, val, cam, desc = build_data(photos, raw, fivek, camera=camera, variants=variants, wb=wb,
                                            train_list=train_list, test_list=test_list, val_count=val_count,
-                                           seed=seed, cache=cache)
+                                           seed=seed, cache=cache,
+                                           augmentation=SceneAugmentation() if scene_aug else None)
     except (RawFileError, ValueError, OSError) as e:
-        click.echo(f"rawdiff-train: error: {e}", err=True)
-        return 1
+        raise _Fail(_data_message(e)) from None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"--out {show_path(out)}: cannot create the run folder ({e.strerror or first_line(e)})",
+                    EXIT_USAGE) from None
     model_cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
     meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=schedule), camera=cam, provenance=desc)
-    pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
+    try:
+        pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
+    except ValueError as e:
+        raise _Fail(f"training data: {first_line(e)}") from None
     del pairs
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_min=lr_min,
-                      warmup=warmup, grad_clip=grad_clip, ema_decay=ema, seed=seed, bf16=bf16, compile=compile_,
-                      ckpt_every=ckpt_every, val_every=val_every, log_every=log_every)
     validate = None
     if val:
         import numpy as np
@@ -186,35 +406,65 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, wb, c
         inputs = [center_crop(np.round(np.clip(p.srgb, 0, 1) * 255).astype(np.uint8), val_crop) for p in val]
         targets = [center_crop(enc.encode(p.raw).astype(np.float32), val_crop) for p in val]
         validate = ValidationSet(inputs, targets, meta, device=device, steps=val_steps)
-    trainer = Trainer(pool, out, config=cfg, meta=meta, device=device, validate=validate, tensorboard=tensorboard)
+    trainer = Trainer(pool, out_dir, config=cfg, meta=meta, device=device, validate=validate, tensorboard=tensorboard)
     if init_ckpt:
-        from rawdiff_infer.checkpoint import CheckpointError
-
         try:
             origin = trainer.init_from(init_ckpt)
-        except (CheckpointError, OSError) as e:
-            click.echo(f"rawdiff-train: error: --init: {str(e).splitlines()[0]}", err=True)
-            return 1
+        except (CheckpointError, OSError, ValueError) as e:
+            raise _Fail(f"--init {show_path(init_ckpt)}: {_ckpt_message(e, init_ckpt)}") from None
         meta.provenance["initialised_from"] = {"path": str(init_ckpt), **origin}
     if resume:
-        latest = Path(out) / "latest"
-        if not latest.exists():
-            click.echo(f"rawdiff-train: error: --resume: {out} has no checkpoint yet", err=True)
-            return 1
-        trainer.load(Path(out) / latest.read_text().strip())
+        where = latest
+        try:
+            where = out_dir / latest.read_text().strip()
+            trainer.load(where)
+        except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
+            raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
         click.echo(f"resumed from step {trainer.step}", err=True)
     rows = trainer.run(progress=not quiet, max_seconds=max_minutes * 60 if max_minutes else None)
     if trainer.rank == 0 and rows:
         last = rows[-1]
         click.echo(f"done: step {trainer.step}, loss {last['loss']:.4f}, {last['samples_per_s']:.0f} samples/s; "
-                   f"checkpoint {Path(out) / (Path(out) / 'latest').read_text().strip() / 'model.safetensors'}")
+                   f"checkpoint {out_dir / latest.read_text().strip() / 'model.safetensors'}")
     if world > 1:
         dist.destroy_process_group()
-    return 0
+    return EXIT_OK
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse (exit 2) a run folder that cannot be created or written, before any work; create nothing yet (a
+    failure while loading the data then leaves no empty run folder behind)."""
+    probe = out_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _Fail(f"--out {show_path(out_dir)}: {show_path(probe)} is not a folder", EXIT_USAGE)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "the run folder" if probe == out_dir else f"cannot create it in {show_path(probe)}:"
+        raise _Fail(f"--out {show_path(out_dir)}: {what} not writable", EXIT_USAGE)
+
+
+def _data_message(e: BaseException) -> str:
+    """One line for a data problem: OSError's file name and reason, else the exception's first line."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{show_path(e.filename)}: {e.strerror}"
+    return first_line(e)
+
+
+def _ckpt_message(e: BaseException, path: str | os.PathLike[str]) -> str:
+    """The reason a checkpoint cannot be used, without repeating its path."""
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="rawdiff-train")
+    """Console-script entry point (exits with the status of the table in the module docstring)."""
+    cli.main(args=argv, prog_name=PROG)
 
 
 if __name__ == "__main__":  # torchrun -m rawdiff_train.cli ...

@@ -4,7 +4,8 @@ Two sources give full images as :class:`ImagePair` (sRGB float32 H x W x 3 in [0
 H x W x 3 in [0, 1], the RAW convention of ``rawdiff_infer.rawspace``):
 
 * :class:`PhotoPairSource` -- the synthetic camera (``camera_isp``) over a folder of photos; a fresh random ISP
-  draw per image and epoch, reproducible from ``(seed, epoch, index)``.
+  draw (and, optionally, scene augmentation, ``scene_aug``) per image and epoch, reproducible from
+  ``(seed, epoch, index)``.
 * :class:`RawPairSource` -- real RAW files with the InvISP protocol (``fivek.load_raw_pair``), decoded once and
   then served from a :class:`PairCache`.
 
@@ -32,10 +33,12 @@ from PIL import Image, ImageOps
 
 from rawdiff_infer.camera import Camera
 from rawdiff_infer.fsio import atomic_write
+from rawdiff_infer.messages import first_line, show_path
 from rawdiff_infer.rawspace import RawEncoding
 
 from . import fivek
 from .camera_isp import IspRandomization, SyntheticCamera
+from .scene_aug import SceneAugmentation
 
 __all__ = [
     "ImagePair",
@@ -50,12 +53,22 @@ __all__ = [
     "to_model_space",
     "load_photo",
     "list_files",
+    "list_photos",
+    "PhotoError",
     "PHOTO_EXTENSIONS",
+    "BUNDLED_PHOTOS_DIR",
 ]
 
 log = logging.getLogger(__name__)
 
 PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+#: photos shipped with the package (licences in its SOURCES.md; grace_hopper.jpg there is held out)
+BUNDLED_PHOTOS_DIR = Path(__file__).resolve().parent / "photos"
+
+
+class PhotoError(ValueError):
+    """A photo that cannot be read or used (the message is one line and names the file)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,11 +100,38 @@ def list_files(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     return [Path(q) for q in source]
 
 
+def list_photos(folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The photos (``PHOTO_EXTENSIONS``) of one or several folders, sorted by file name.
+
+    Raises:
+        NotADirectoryError: a folder that is not one.
+        PhotoError: two folders hold photos of the same file name (a pair's name must say which photo it is).
+    """
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        for f in list_files(folder, PHOTO_EXTENSIONS):
+            other = seen.get(f.name)
+            if other is not None and other.resolve() != f.resolve():  # the same file twice is harmless
+                raise PhotoError(f"two photos named {show_path(f.name)}: {show_path(other)} and {show_path(f)}")
+            seen.setdefault(f.name, f)
+    return [seen[k] for k in sorted(seen)]
+
+
 def load_photo(path: str | os.PathLike[str]) -> np.ndarray:
-    """An sRGB photo as H x W x 3 uint8 (EXIF orientation applied, alpha dropped, greyscale expanded)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    """An sRGB photo as H x W x 3 uint8 (EXIF orientation applied, alpha dropped, greyscale expanded).
+
+    Raises:
+        PhotoError: the file is missing, unreadable or not an image Pillow can decode (one-line message).
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise PhotoError(f"{show_path(path)}: cannot read the photo ({why})") from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,12 +268,17 @@ class PhotoPairSource:
 
     Each ``__getitem__(i)`` draws ISP parameters from a generator seeded by ``(seed, epoch, i)`` (see
     :meth:`set_epoch`), so a data set is reproducible and still different every epoch. ``jpeg`` applies the
-    randomised JPEG step (CPU). The photo is read on every call (PNG/JPEG decoding is cheap next to RAW).
+    randomised JPEG step (CPU). ``augmentation`` (``scene_aug.SceneAugmentation``) also changes each image's
+    scene (exposure, illuminant, hue, saturation, colour matrix) before the ISP, drawn after the ISP parameters
+    from the same generator; None (the default) gives exactly the unaugmented pairs. The photo is read on every
+    call (PNG/JPEG decoding is cheap next to RAW).
+
+    ``meta`` of an item: the photo's path, the camera, the ISP draw, and ``scene`` (the scene draw, or None).
     """
 
     def __init__(self, source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
                  camera: SyntheticCamera | Camera | None = None, randomization: IspRandomization | None = None,
-                 seed: int = 0, jpeg: bool = True) -> None:
+                 seed: int = 0, jpeg: bool = True, augmentation: SceneAugmentation | None = None) -> None:
         self.files = list_files(source, PHOTO_EXTENSIONS)
         self.camera = camera if isinstance(camera, SyntheticCamera) else (
             SyntheticCamera(camera) if camera is not None else SyntheticCamera())
@@ -241,6 +286,7 @@ class PhotoPairSource:
         self.seed = int(seed)
         self.epoch = 0
         self.jpeg = jpeg
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.files)
@@ -260,10 +306,12 @@ class PhotoPairSource:
     def __getitem__(self, index: int) -> ImagePair:
         photo = self.photo(index)
         srgb, raw, params = self.camera.make_pair(photo, self.generator(index), randomization=self.randomization,
-                                                  jpeg=self.jpeg, return_params=True)
+                                                  jpeg=self.jpeg, return_params=True, augmentation=self.augmentation)
         meta = {"path": str(self.files[index]), "camera": self.camera.camera.unique_model,
                 "exposure": float(params.exposure[0]), "raw_white": float(params.raw_white[0]),
-                "tone": float(params.tone[0]), "jpeg_quality": params.jpeg_quality[0] if self.jpeg else None}
+                "tone": float(params.tone[0]), "jpeg_quality": params.jpeg_quality[0] if self.jpeg else None,
+                "overexposure": float(params.overexposure[0]),
+                "scene": params.scene.record(0) if params.scene is not None else None}
         return ImagePair(srgb=srgb, raw=raw, name=self.files[index].stem, meta=meta)
 
 
@@ -387,7 +435,8 @@ def random_crops(srgb: torch.Tensor | np.ndarray, raw: torch.Tensor | np.ndarray
 def synthetic_crops(photos: torch.Tensor | np.ndarray, n: int, *, camera: SyntheticCamera | None = None,
                     patch: int = 64, generator: torch.Generator | None = None,
                     randomization: IspRandomization | None = None, augment: bool = True, jpeg: bool = False,
-                    encoding: RawEncoding | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    encoding: RawEncoding | None = None,
+                    augmentation: SceneAugmentation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """n synthetic training patches from photos [B, 3, H, W] / [3, H, W] (uint8 or [0, 1] float, any device),
     in model space [-1, 1].
 
@@ -395,11 +444,14 @@ def synthetic_crops(photos: torch.Tensor | np.ndarray, n: int, *, camera: Synthe
     (``SyntheticCamera.make_pair``), all on the photos' device. The ISP is pointwise, so cropping first is the
     same as cropping a full-image pair, except that the over-exposure gain is set from the crop's own
     brightness and JPEG (``jpeg=True``; it runs on the CPU) compresses the patch alone.
+
+    ``augmentation`` (``scene_aug.SceneAugmentation``): a scene change per crop, drawn from ``generator`` after
+    the crop plan and the ISP parameters; None (the default) draws nothing more.
     """
     cam = camera or SyntheticCamera()
     x = _as_chw_tensor(photos)
     batch = x.shape[0] if x.ndim == 4 else 1
     plan = plan_crops(batch, x.shape[-2], x.shape[-1], n, patch=patch, generator=generator, augment=augment)
     crops = gather_crops(x, plan)
-    srgb, raw = cam.make_pair(crops, generator, randomization=randomization, jpeg=jpeg)
+    srgb, raw = cam.make_pair(crops, generator, randomization=randomization, jpeg=jpeg, augmentation=augmentation)
     return to_model_space(srgb, raw, raw_space="linear", encoding=encoding)

@@ -5,6 +5,10 @@ augmentations, ISP parameters, timesteps, noise) comes from one seeded generator
 identically over the *global* batch; each rank takes its slice, and DDP averages the gradients, so N processes
 compute the same update as one process with the same global batch (up to floating-point reduction order).
 Resuming restores weights, EMA, optimizer, step and the generator state, so an interrupted run continues exactly.
+
+A run that diverges stops: the loss is checked at every log point (where the loop synchronises anyway) and the
+weights before every checkpoint, and :class:`TrainingDiverged` is raised instead of writing a non-finite
+checkpoint; the last checkpoint written stays the last good one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +35,7 @@ from rawdiff_infer.fsio import atomic_path, write_bytes
 from rawdiff_infer.model import UNet, UNetConfig
 from rawdiff_infer.schedule import Schedule
 
-__all__ = ["TrainConfig", "BatchSource", "Trainer", "lr_at", "train"]
+__all__ = ["TrainConfig", "BatchSource", "Trainer", "TrainingDiverged", "lr_at", "nonfinite_tensors", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,53 @@ class BatchSource(Protocol):
     def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; nothing non-finite was saved.
+
+    Attributes:
+        step: the optimizer step at which it was seen.
+        loss: the mean loss of the last log window (NaN / inf), or None when the weights were found non-finite.
+    """
+
+    def __init__(self, message: str, *, step: int, loss: float | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.loss = loss
+
+
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers of ``module`` holding a NaN or an infinity (one host
+    synchronisation for the whole module)."""
+    named = [(k, v) for k, v in (*module.named_parameters(), *module.named_buffers()) if v.is_floating_point()]
+    if not named:
+        return []
+    ok = torch.stack([torch.isfinite(v.detach()).all() for _, v in named]).cpu()
+    return [k for (k, _), good in zip(named, ok.tolist()) if not good]
+
+
+def _finite(name: str, value: float, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+            hi_open: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite real number in the range (open ends as said)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+        left, right = "(" if lo_open else "[", ")" if hi_open or hi == math.inf else "]"
+        raise ValueError(f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {value:g}")
+
+
+def _whole(name: str, value: int, lo: int, hi: int | None = None) -> None:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo
+            or (hi is not None and value > hi)):
+        raise ValueError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                         + f", got {value!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters (defaults: the paper's recipe)."""
+    """Training hyper-parameters (defaults: the paper's recipe). Every field is checked on construction
+    (ValueError names the field): counts are integers >= 1 (``warmup``, ``ema_start`` >= 0), learning rates are
+    finite with ``0 < lr <= 1`` and ``0 <= lr_min <= lr``, ``grad_clip`` is a finite norm > 0, ``ema_decay`` is in
+    [0, 1), ``seed`` in [0, 2^63)."""
 
     steps: int = 20_000
     batch_size: int = 256            # global batch (all ranks, all accumulation micro-steps)
@@ -68,10 +117,19 @@ class TrainConfig:
     log_every: int = 50
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "val_every", "log_every"):
+            _whole(name, getattr(self, name), 1)
+        _whole("warmup", self.warmup, 0)
+        _whole("ema_start", self.ema_start, 0)
+        _whole("seed", self.seed, 0, 2**63 - 1)
         if self.batch_size % self.grad_accum:
-            raise ValueError("batch_size must be divisible by grad_accum")
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        _finite("lr", self.lr, 0.0, 1.0, lo_open=True)  # Adam: above 1 only diverges (above ~1e37 it overflows)
+        _finite("lr_min", self.lr_min, 0.0)
+        if self.lr_min > self.lr:
+            raise ValueError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g})")
+        _finite("grad_clip", self.grad_clip, 0.0, lo_open=True)
+        _finite("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -202,6 +260,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         d = self.out / (name or f"ckpt-{self.step:07d}")
+        self.check_finite()  # on every rank (the weights are the same): all stop together
         if self.rank != 0:
             return d
         d.mkdir(parents=True, exist_ok=True)
@@ -226,6 +285,15 @@ class Trainer:
         write_bytes(self.out / "latest", (d.name + "\n").encode(), overwrite=True)
         return d
 
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if the weights or the EMA weights hold a NaN or an infinity."""
+        bad = nonfinite_tensors(self.model) + [f"ema.{k}" for k in nonfinite_tensors(self.ema)]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise TrainingDiverged(f"training diverged: non-finite weights at step {self.step} "
+                                   f"({', '.join(bad[:3])}{more}); no checkpoint was written for it",
+                                   step=self.step)
+
     def init_from(self, ckpt: str | os.PathLike) -> dict[str, Any]:
         """Start from a model's weights (fine-tuning): model and EMA both take them; the optimizer, the lr schedule
         and the step count start fresh. The checkpoint's U-Net and noise schedule must match this run's.
@@ -239,6 +307,9 @@ class Trainer:
         if meta.schedule != self.meta.schedule:
             raise CheckpointError(f"{ckpt}: trained with noise schedule {meta.schedule}, this run uses "
                                   f"{self.meta.schedule}")
+        bad = nonfinite_tensors(net)
+        if bad:
+            raise CheckpointError(f"{ckpt}: holds non-finite weights ({', '.join(bad[:3])})")
         state = {k: v.float() for k, v in net.state_dict().items()}
         self.model.load_state_dict(state)
         self.ema.load_state_dict(state)
@@ -329,7 +400,9 @@ class Trainer:
                     row = {"step": self.step, "loss": float(torch.stack(window).mean()),
                            "lr": lr_at(self.step - 1, self.cfg),
                            "samples_per_s": sps, "val_psnr": float("nan")}
-                    if self.validate and (self.step % self.cfg.val_every == 0 or last) and self.rank == 0:
+                    diverged = not math.isfinite(row["loss"])  # every rank sees the same (all-reduced) loss
+                    if (self.validate and (self.step % self.cfg.val_every == 0 or last) and self.rank == 0
+                            and not diverged):
                         row.update(self.validate(self.ema, self.step))
                     rows.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{sps:.0f}")
@@ -337,6 +410,11 @@ class Trainer:
                         writer.writerow([row["step"], f"{row['loss']:.6f}", f"{row['lr']:.3e}", f"{sps:.1f}",
                                          f"{row['val_psnr']:.3f}"])
                         fh.flush()
+                    if diverged:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"training diverged: the loss is {row['loss']} at step {self.step} (lr "
+                            f"{row['lr']:.3g}); no checkpoint was written for it", step=self.step, loss=row["loss"])
                     self._tb_log(row)
                     t0, n0, window = time.perf_counter(), self.step, []
                 if self.step % self.cfg.ckpt_every == 0 or last:

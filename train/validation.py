@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +31,8 @@ class ValidationSet:
     """Fixed validation pairs: sRGB uint8 H x W x 3 inputs and encoded RAW targets (float32 [0, 1]).
 
     ``__call__(model, step)`` runs the sampler (``method``/``steps``) over every pair with the model's current
-    weights and returns {"val_psnr": mean PSNR in dB} (image-level mean).
+    weights and returns {"val_psnr": mean PSNR in dB} (image-level mean); the per-image PSNRs of that call (dB,
+    in the order of ``inputs``) are kept in ``last_scores``.
     """
 
     inputs: Sequence[np.ndarray]
@@ -43,6 +44,7 @@ class ValidationSet:
     stride: int = 48
     batch_size: int = 256
     seed: int = 0
+    last_scores: list[float] = field(default_factory=list, init=False, repr=False)
 
     def __call__(self, model: UNet, step: int) -> dict[str, float]:
         copy = UNet(model.config)
@@ -54,4 +56,5 @@ class ValidationSet:
                                                 batch_size=self.batch_size))
         scores = [psnr(rec.reconstruct(x, seed=self.seed).encoded, y) for x, y in zip(self.inputs, self.targets)]
         backend.close()
+        self.last_scores = [float(v) for v in scores]
         return {"val_psnr": float(np.mean(scores))}
