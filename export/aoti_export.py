@@ -87,6 +87,32 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
     Returns the path written.
     Raises ExportError (one line): bad options, no CUDA device, the trace or the compilation failed.
     """
+    dev, prec, p = _check_options(model, device, precision, patch_size, max_batch)
+    out = Path(path)
+    if out.exists() and not overwrite:  # before minutes of compilation; atomic_path checks again at the end
+        raise OutputExistsError(errno.EEXIST, "exists; not replaced (overwrite=True replaces it)", str(out))
+    try:
+        target = current_target(dev)
+    except BackendError as e:
+        raise ExportError(str(e)) from None
+    metadata = {"rawdiff": meta.to_json(), "rawdiff.format": AOTI_FORMAT, "rawdiff.precision": prec,
+                "rawdiff.patch_size": str(p), "rawdiff.min_batch": "1", "rawdiff.max_batch": str(max_batch),
+                "rawdiff.input_layout": "channels_last",
+                "rawdiff.checkpoint_sha256": checkpoint_sha256, "rawdiff.version": __version__,
+                **target.to_metadata()}
+    t0 = time.perf_counter()
+    data = _compile(model, dev, prec, p, max_batch, metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+    log.info("wrote %s (%s, %s, patch %d, batch 1..%d, %.1f MB; %.1f s)", out, dev.type, prec, p, max_batch,
+             out.stat().st_size / 1e6, time.perf_counter() - t0)
+    return out
+
+
+def _check_options(model: UNet, device: str | torch.device, precision: AotiPrecision | None,
+                   patch_size: int | None, max_batch: int) -> tuple[torch.device, str, int]:
+    """(device, precision, patch size) checked; ExportError (one line) otherwise."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ExportError(f"AOTInductor packages are built for cpu or cuda, not {dev.type}")
@@ -102,17 +128,15 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
         raise ExportError(f"patch size {p} must be a positive multiple of {step} for this U-Net")
     if not 2 <= max_batch <= MAX_BATCH_LIMIT:
         raise ExportError(f"max_batch must be in 2..{MAX_BATCH_LIMIT}, got {max_batch}")
-    out = Path(path)
-    if out.exists() and not overwrite:  # before minutes of compilation; atomic_path checks again at the end
-        raise OutputExistsError(errno.EEXIST, "exists; not replaced (overwrite=True replaces it)", str(out))
-    try:
-        target = current_target(dev)
-    except BackendError as e:
-        raise ExportError(str(e)) from None
+    return dev, prec, p
 
+
+def _compile(model: UNet, dev: torch.device, prec: str, p: int, max_batch: int, metadata: dict[str, str]) -> bytes:
+    """torch.export with a dynamic batch, then AOTInductor: the package's bytes. ExportError on failure."""
     # channels_last weights and inputs: the layout the convolutions are fast in (TorchBackend's default too).
     # Inductor would not choose it by itself here: its layout optimisation is off on CUDA once the batch is dynamic.
     cl = torch.channels_last
+    cfg = model.config
     m = copy.deepcopy(model).to(device=dev, dtype=_DTYPES[prec]).to(memory_format=cl).eval()
     m.set_fused_attention(True)  # scaled_dot_product_attention: the fast kernels on either device
     g = torch.Generator().manual_seed(0)
@@ -120,16 +144,9 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
             (torch.rand(2, cfg.cond_channels, p, p, generator=g) * 2 - 1).to(dev).contiguous(memory_format=cl),
             torch.tensor([1.0, 999.0], device=dev))  # batch 2: 0 and 1 would be specialised by torch.export
     batch = torch.export.Dim("N", min=1, max=max_batch)
-    metadata = {"rawdiff": meta.to_json(), "rawdiff.format": AOTI_FORMAT, "rawdiff.precision": prec,
-                "rawdiff.patch_size": str(p), "rawdiff.min_batch": "1", "rawdiff.max_batch": str(max_batch),
-                "rawdiff.input_layout": "channels_last",
-                "rawdiff.checkpoint_sha256": checkpoint_sha256, "rawdiff.version": __version__,
-                **target.to_metadata()}
-    t0 = time.perf_counter()
     try:
         with torch.no_grad():
             program = torch.export.export(_Float32Out(m), args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
-        t1 = time.perf_counter()
         buf = io.BytesIO()
         from torch._inductor import aoti_compile_and_package
 
@@ -137,13 +154,7 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
     except Exception as e:  # noqa: BLE001 - export and Inductor raise many types (compiler missing, unsupported op)
         raise ExportError(f"AOTInductor build for {dev.type} failed: {type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}") from None
-    t2 = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out, overwrite=overwrite) as tmp:
-        tmp.write_bytes(buf.getbuffer())
-    log.info("wrote %s (%s, %s, patch %d, batch 1..%d, %.1f MB; export %.1f s, compile %.1f s)", out, dev.type, prec,
-             p, max_batch, out.stat().st_size / 1e6, t1 - t0, t2 - t1)
-    return out
+    return buf.getvalue()
 
 
 def default_aoti_path(out_dir: str | os.PathLike[str], stem: str, device: str | torch.device = "cpu",

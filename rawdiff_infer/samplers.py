@@ -34,7 +34,7 @@ import torch
 
 from .schedule import SPACINGS, Schedule, Spacing
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "SAMPLERS", "SPECS", "Denoiser", "check_options", "EpsFn", "NoiseSampler", "SamplerSpec",
+__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "SAMPLERS", "SPECS", "Denoiser", "check_options", "keyed_noise", "EpsFn", "NoiseSampler", "SamplerSpec",
            "gaussian_noise", "sample", "sample_ddim", "sample_ddpm", "sample_dpm_single", "sample_dpmpp",
            "singlestep_orders"]
 
@@ -76,6 +76,48 @@ class Denoiser:
         return x0, eps
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values (avalanche: every output bit depends
+    on every input bit)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _MASK32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def keyed_noise(x_T: torch.Tensor) -> NoiseSampler:
+    """Standard normal noise that is a fixed function of the starting noise ``x_T``: draw k, at element i, is a
+    counter-based hash of (the float32 bits of x_T[i], k) turned Gaussian (Box-Muller on two 24-bit uniforms).
+
+    A sampler that re-injects this noise is deterministic: the same x_T gives the same output, with no generator.
+    Each draw is independent of x_T's values and of the other draws as far as any statistic of interest goes (the
+    hash mixes every input bit), elementwise, so canvases packed into one tensor each get their own noise, the same
+    as alone, on any device. Draw shapes must match x_T's.
+    """
+    bits = x_T.detach().float().contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    base = _fmix32(bits ^ 0x9E3779B9)
+    count = 0
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        if x.shape != x_T.shape:
+            raise ValueError(f"keyed noise draws the shape of x_T {tuple(x_T.shape)}, not {tuple(x.shape)}")
+        count += 1
+        key = (count * 0x27D4EB2F) & _MASK32
+        h1 = _fmix32(base ^ key)
+        h2 = _fmix32(h1 ^ 0x165667B1)
+        u1 = ((h1 >> 8).to(torch.float64) + 0.5) / (1 << 24)  # (0, 1), never 0
+        u2 = (h2 >> 8).to(torch.float64) / (1 << 24)
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        return z.to(device=x.device, dtype=x.dtype)
+
+    return draw
+
+
 def gaussian_noise(generator: torch.Generator | None) -> NoiseSampler:
     """Standard normal noise shaped like its argument, drawn (in fp32) from ``generator`` on the generator's own
     device, then moved to the argument's device and dtype."""
@@ -87,28 +129,13 @@ def gaussian_noise(generator: torch.Generator | None) -> NoiseSampler:
     return draw
 
 
-def _alphabar(model: Denoiser, t: float) -> float:
-    return float(np.exp(2.0 * model.schedule.log_alpha(t)))
+def _alphabars(model: Denoiser, t: float, s: float) -> tuple[float, float]:
+    """(alphabar_t, alphabar_s) of a step from t to s."""
+    ab = np.exp(2.0 * model.schedule.log_alpha(np.array([t, s], dtype=np.float64)))
+    return float(ab[0]), float(ab[1])
 
 
 # ---- samplers ----------------------------------------------------------------------------------------------------
-
-def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None
-                ) -> torch.Tensor:
-    """Ancestral sampling (Ho et al. 2020, eq. 6-7) on any decreasing grid (respaced: beta = 1 - ab_t / ab_s)."""
-    noise = noise or gaussian_noise(None)
-    for i, t in enumerate(ts):
-        x0, _ = model(x, float(t))
-        if i == len(ts) - 1:
-            return x0
-        ab_t, ab_s = _alphabar(model, float(t)), _alphabar(model, float(ts[i + 1]))
-        beta = 1.0 - ab_t / ab_s
-        c0 = math.sqrt(ab_s) * beta / (1.0 - ab_t)              # posterior mean coefficient of x0
-        ct = math.sqrt(1.0 - beta) * (1.0 - ab_s) / (1.0 - ab_t)  # ... and of x_t
-        var = beta * (1.0 - ab_s) / (1.0 - ab_t)
-        x = c0 * x0 + ct * x + math.sqrt(var) * noise(x)
-    return x
-
 
 def sample_ddim(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None,
                 eta: float = 0.0) -> torch.Tensor:
@@ -119,12 +146,22 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: Nois
         x0, eps = model(x, float(t))
         if i == len(ts) - 1:
             return x0
-        ab_t, ab_s = _alphabar(model, float(t)), _alphabar(model, float(ts[i + 1]))
+        ab_t, ab_s = _alphabars(model, float(t), float(ts[i + 1]))
         c = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - c * c, 0.0)) * eps
         if c > 0:
             x = x + c * noise(x)
     return x
+
+
+def sample_ddpm(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None
+                ) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, eq. 6-7) on any decreasing grid (respaced: beta = 1 - ab_t / ab_s).
+
+    The ancestral step samples the posterior q(x_s | x_t, x0) with x0 predicted; written with the eps consistent
+    with that x0, its mean alpha_s x0 + sqrt(1 - ab_s - c^2) eps and variance c^2 are DDIM's at eta = 1 (Song et
+    al. 2021, sec. 4.1), so it is that update."""
+    return sample_ddim(model, x, ts, noise=noise, eta=1.0)
 
 
 def _eta_at(eta: float | Sequence[float], i: int) -> float:

@@ -1,4 +1,4 @@
-"""AOTInductor backend: a ``.pt2`` package built by ``rawdiff_export.aoti_export`` (PyTorch's ahead-of-time engine).
+"""AOTInductor backend: a ``.pt2`` package built by ``rawdiff-export --aoti`` (PyTorch's ahead-of-time engine).
 
 The package holds the U-Net compiled ahead of time by TorchInductor for one device: a shared library (C++ kernels on
 the CPU; host code plus Triton cubins on CUDA) with the weights inside, a dynamic batch axis N in
@@ -259,7 +259,7 @@ class AotiBackend(Backend):
     """Runs a rawdiff AOTInductor package on the device it was built for.
 
     Args:
-        path: the ``.pt2`` package written by ``rawdiff_export.export_aoti``.
+        path: the ``.pt2`` package written by ``rawdiff-export --aoti``.
         device: "cpu", or "cuda" / "cuda:N" for a CUDA package (default: the package's device type).
         max_batch_size: cap below the package's maximum batch (default: the package's maximum).
     Raises BackendError (one line): unreadable or foreign package, built for another device type, torch version,

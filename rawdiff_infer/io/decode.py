@@ -950,6 +950,11 @@ def _tiff_orientation(page: tifffile.TiffPage, notes: list[str]) -> int:
     except (TypeError, ValueError):
         notes.append(_note(f"unreadable EXIF orientation {tag.value!r} ignored"))
         return 1
+    return _valid_orientation(value, notes)
+
+
+def _valid_orientation(value: int, notes: list[str]) -> int:
+    """``value`` if it is an EXIF orientation (1..8), else 1 with a note."""
     if not 1 <= value <= 8:
         notes.append(f"invalid EXIF orientation {value} ignored")
         return 1
@@ -1087,10 +1092,7 @@ def _exif_orientation(img: Image.Image, notes: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - corrupt EXIF must not stop decoding
         notes.append(_note(f"unreadable EXIF data ignored ({first_line(exc)})"))
         return 1
-    if not 1 <= value <= 8:
-        notes.append(f"invalid EXIF orientation {value} ignored")
-        return 1
-    return value
+    return _valid_orientation(value, notes)
 
 
 def _from_pillow(shown: str, img: Image.Image, fmt: str, notes: list[str]) -> _Decoded:
