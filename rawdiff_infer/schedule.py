@@ -21,8 +21,8 @@ __all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS", "MAX_TIMESTEPS"]
 #: the longest training schedule a description may declare (its tables are T float64 values each)
 MAX_TIMESTEPS = 100_000
 
-Spacing = Literal["linspace", "leading", "trailing", "time-uniform", "logSNR"]
-SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "time-uniform", "logSNR")
+Spacing = Literal["linspace", "leading", "trailing", "time-uniform", "logSNR", "karras"]
+SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "time-uniform", "logSNR", "karras")
 
 
 @dataclass(frozen=True)
@@ -116,19 +116,30 @@ class Schedule:
         return a * x0 + s * noise
 
     # ---- sampling grids -----------------------------------------------------------------------------------------
-    def timesteps(self, steps: int, spacing: Spacing = "linspace") -> np.ndarray:
+    def timesteps(self, steps: int, spacing: Spacing = "linspace", *, start: float | None = None,
+                  end: float = 0.0) -> np.ndarray:
         """A decreasing grid of ``steps`` timesteps (fp64, training units) at which the model is evaluated.
 
-        Every grid is followed by the clean endpoint (alphabar = 1, sigma = 0) in the samplers.
+        Every grid is followed by the clean endpoint (alphabar = 1, sigma = 0) in the samplers. The continuous
+        grids run from ``start`` (default T-1) down to ``end`` (default 0), 0 <= end < start <= T-1:
+        - time-uniform: linspace(start, end, steps) (fractional);
+        - logSNR: uniform in lambda between lambda(start) and lambda(end) (fractional);
+        - karras: the EDM grid (Karras et al. 2022, eq. 5, rho = 7) in sigma_VE = sigma / alpha = e^-lambda: more
+          steps at low noise.
+        The integer grids of the DDPM / DDIM literature cover the whole schedule (start / end not allowed):
         - linspace: round(linspace(T-1, 0, steps)); includes T-1 and 0.
         - leading: (arange(steps) * (T // steps))[::-1] (DDIM paper, Stable Diffusion); ends at 0.
         - trailing: round(arange(T, 0, -T/steps)) - 1; starts at T-1, ends at T/steps - 1.
-        - time-uniform: linspace(T-1, 0, steps), not rounded (fractional).
-        - logSNR: uniform in lambda between lambda(T-1) and lambda(0) (fractional).
         """
         T = self.num_timesteps
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        t0 = float(T - 1 if start is None else start)
+        if not 0.0 <= end < t0 <= T - 1 and not (steps == 1 and 0.0 <= t0 <= T - 1):
+            raise ValueError(f"the grid must run from start down to end within [0, {T - 1}], got {t0:g} -> {end:g}")
+        if spacing in ("linspace", "leading", "trailing") and (start is not None or end != 0.0):
+            raise ValueError(f"spacing {spacing!r} covers the whole schedule; use logSNR, time-uniform or karras "
+                             "for another start or end")
         if spacing == "linspace":
             ts = np.round(np.linspace(T - 1, 0, steps))
         elif spacing == "leading":
@@ -136,13 +147,19 @@ class Schedule:
         elif spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / steps)) - 1.0
         elif spacing == "time-uniform":
-            ts = np.linspace(T - 1, 0, steps)
-        elif spacing == "logSNR":
-            lam = np.linspace(self.lambda_(T - 1), self.lambda_(0), steps)
+            ts = np.linspace(t0, end, steps)
+        elif spacing in ("logSNR", "karras"):
+            lo, hi = float(self.lambda_(t0)), float(self.lambda_(end))
+            if spacing == "logSNR":
+                lam = np.linspace(lo, hi, steps)
+            else:
+                rho = 7.0
+                s_max, s_min = np.exp(-lo) ** (1 / rho), np.exp(-hi) ** (1 / rho)
+                lam = -rho * np.log(s_max + np.linspace(0.0, 1.0, steps) * (s_min - s_max))
             ts = self.t_of_lambda(lam)
-            ts[0] = T - 1
+            ts[0] = t0
             if steps > 1:
-                ts[-1] = 0.0
+                ts[-1] = end
         else:
             raise ValueError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
         ts = np.asarray(ts, dtype=np.float64)

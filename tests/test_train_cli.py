@@ -167,7 +167,7 @@ def test_init_that_is_not_a_usable_checkpoint(photos: Path, tmp_path: Path) -> N
         next(net.parameters()).view(-1)[0] = float("nan")
     save_checkpoint(net, nan_ckpt, meta=ModelMeta(model=UNetConfig.tiny()))
     for path, fragment in ((text, "not a safetensors"), (pkl, "pickle"), (other, "not this run's"),
-                           (nan_ckpt, "non-finite weights"), (photos, "no such checkpoint")):
+                           (nan_ckpt, "NaN or infinite"), (photos, "no such checkpoint")):
         out = tmp_path / f"run-{path.stem}"
         r = _invoke(["--photos", str(photos), "--out", str(out), *FAST, "--steps", "2", "--init", str(path)])
         _one_line_error(r, 1, fragment)

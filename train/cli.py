@@ -19,10 +19,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import click
 
+from rawdiff_infer.console import OneLineCommand
 from rawdiff_infer.messages import first_line, show_path
 
 __all__ = ["main", "cli", "build_data", "FiniteFloat", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
@@ -110,27 +112,6 @@ class FiniteFloat(click.ParamType):
         return f"FiniteFloat{self._describe()}"
 
 
-class _OneLineCommand(click.Command):
-    """A click command whose command-line errors are one line on stderr (``rawdiff-train: error: ...``), exit 2,
-    instead of click's usage block; works the same under click's CliRunner."""
-
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.UsageError as e:  # BadParameter, NoSuchOption, MissingParameter, ...
-            _err(f"error: {first_line(e.format_message())}")
-            sys.exit(EXIT_USAGE)
-        except click.ClickException as e:
-            _err(f"error: {first_line(e.format_message())}")
-            sys.exit(e.exit_code)
-        except click.Abort:
-            _err("interrupted")
-            sys.exit(130)
-        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
-
-
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value == "auto":
         return value
@@ -173,50 +154,69 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
     Returns (training pairs, validation pairs, camera description, provenance dict). Raises ``PhotoError``,
     ``RawFileError``, ``OSError`` or ``ValueError`` with a one-line message for unusable data.
     """
-    from rawdiff_infer.camera import get_camera
+    if photos:
+        return _photo_data(photos, camera=camera, variants=variants, val_count=val_count, seed=seed,
+                           augmentation=augmentation)
+    return _raw_data(raw or fivek, camera=camera, wb=wb, train_list=train_list, test_list=test_list,
+                     val_count=val_count, seed=seed, cache=cache)
 
-    from .data import PHOTO_EXTENSIONS, PhotoError, PhotoPairSource, RawPairSource, list_files, list_photos
-    from .fivek import read_list_file, select_by_stem, split_files
+
+def _photo_split(folders: list, val_count: int, seed: int) -> tuple[list, list, list]:
+    """(training files, validation files, held-out files) of photo folders (see ``build_data``)."""
+    from .data import PHOTO_EXTENSIONS, PhotoError, list_photos
+    from .fivek import split_files
     from .heldout import sort_held_out, split_held_out
 
-    if photos:
-        folders = [photos] if isinstance(photos, (str, os.PathLike)) else list(photos)
-        files = list_photos(folders)
-        train_files, held = split_held_out(files)
-        held = sort_held_out(held)
-        where = ", ".join(show_path(f) for f in folders)
-        if held:
-            log.info("held out of training (validation only): %s", ", ".join(f.name for f in held))
-        val_files = held[:val_count]
-        if len(val_files) < val_count and train_files:
-            more = val_count - len(val_files)
-            if len(train_files) <= more:
-                raise PhotoError(f"{where}: {len(train_files)} training photos, need more than the {more} "
-                                 f"validation photos still needed for --val-count {val_count}")
-            train_files, extra = split_files(train_files, test_fraction=more / len(train_files), seed=seed)
-            val_files += extra
-        if not files:
-            raise PhotoError(f"{where}: no photos ({', '.join(PHOTO_EXTENSIONS)})")
-        if not train_files:
-            raise PhotoError(f"{where}: no photos to train on ({len(files)} found, {len(held)} of them held out)")
-        from .camera_isp import described_camera
+    files = list_photos(folders)
+    train_files, held = split_held_out(files)
+    held = sort_held_out(held)
+    where = ", ".join(show_path(f) for f in folders)
+    if held:
+        log.info("held out of training (validation only): %s", ", ".join(f.name for f in held))
+    val_files = held[:val_count]
+    if len(val_files) < val_count and train_files:
+        more = val_count - len(val_files)
+        if len(train_files) <= more:
+            raise PhotoError(f"{where}: {len(train_files)} training photos, need more than the {more} "
+                             f"validation photos still needed for --val-count {val_count}")
+        train_files, extra = split_files(train_files, test_fraction=more / len(train_files), seed=seed)
+        val_files += extra
+    if not files:
+        raise PhotoError(f"{where}: no photos ({', '.join(PHOTO_EXTENSIONS)})")
+    if not train_files:
+        raise PhotoError(f"{where}: no photos to train on ({len(files)} found, {len(held)} of them held out)")
+    return train_files, val_files, held
 
-        cam = described_camera(get_camera(camera))
-        src = PhotoPairSource(train_files, camera=cam, seed=seed, augmentation=augmentation)
-        pairs = []
-        for epoch in range(variants):
-            src.set_epoch(epoch)
-            pairs.extend(src[i] for i in range(len(src)))
-        val_src = PhotoPairSource(val_files, camera=cam, seed=seed + 10_000)
-        val = [val_src[i] for i in range(len(val_src))]
-        desc = {"data": "synthetic camera over photos", "camera": camera,
-                "photo_folders": [str(f) for f in folders], "train_files": [f.name for f in train_files],
-                "val_files": [f.name for f in val_files], "held_out_files": [f.name for f in held],
-                "variants_per_photo": variants,
-                "scene_augmentation": augmentation.to_dict() if augmentation is not None else None}
-        return pairs, val, cam, desc
-    root = raw or fivek
-    from .fivek import RAW_EXTENSIONS
+
+def _photo_data(photos, *, camera, variants, val_count, seed, augmentation):
+    from rawdiff_infer.camera import get_camera
+
+    from .camera_isp import described_camera
+    from .data import PhotoPairSource
+
+    folders = [photos] if isinstance(photos, (str, os.PathLike)) else list(photos)
+    train_files, val_files, held = _photo_split(folders, val_count, seed)
+    cam = described_camera(get_camera(camera))
+    src = PhotoPairSource(train_files, camera=cam, seed=seed, augmentation=augmentation)
+    pairs = []
+    for epoch in range(variants):
+        src.set_epoch(epoch)
+        pairs.extend(src[i] for i in range(len(src)))
+    val_src = PhotoPairSource(val_files, camera=cam, seed=seed + 10_000)
+    val = [val_src[i] for i in range(len(val_src))]
+    desc = {"data": "synthetic camera over photos", "camera": camera,
+            "photo_folders": [str(f) for f in folders], "train_files": [f.name for f in train_files],
+            "val_files": [f.name for f in val_files], "held_out_files": [f.name for f in held],
+            "variants_per_photo": variants,
+            "scene_augmentation": augmentation.to_dict() if augmentation is not None else None}
+    return pairs, val, cam, desc
+
+
+def _raw_data(root, *, camera, wb, train_list, test_list, val_count, seed, cache):
+    from rawdiff_infer.camera import Camera, get_camera
+
+    from .data import RawPairSource, list_files
+    from .fivek import RAW_EXTENSIONS, read_list_file, select_by_stem, split_files
 
     files = list_files(root, RAW_EXTENSIONS)
     if not files:
@@ -230,17 +230,14 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
     pairs = [src[i] for i in range(len(src))]
     val_src = RawPairSource(test_files[:val_count] if test_files else [], wb=wb, cache_dir=cache)
     val = [val_src[i] for i in range(len(val_src))]
-    first = pairs[0].meta if pairs else {}
-    from rawdiff_infer.camera import Camera
-
-    cam_meta = first.get("camera_description")
+    cam_meta = (pairs[0].meta if pairs else {}).get("camera_description")
     cam = Camera.from_dict(cam_meta) if isinstance(cam_meta, dict) else get_camera(camera)
     desc = {"data": "InvISP protocol over RAW files", "root": str(root), "train_files": len(train_files),
             "test_files": len(test_files), "wb": wb}
     return pairs, val, cam, desc
 
 
-@click.command(cls=_OneLineCommand, help=HELP,
+@click.command(PROG, cls=OneLineCommand, help=HELP,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--photos", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of sRGB photos; repeat to combine folders.")
@@ -292,18 +289,79 @@ def build_data(photos, raw, fivek, *, camera, variants, wb, train_list, test_lis
 @click.option("--tensorboard", is_flag=True, help="Also log to TensorBoard (needs tensorboard).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an internal error.")
-def cli(**opts: Any) -> None:
-    logging.basicConfig(level=logging.INFO if not opts["quiet"] else logging.WARNING,
+def cli(**params: Any) -> None:
+    logging.basicConfig(level=logging.INFO if not params["quiet"] else logging.WARNING,
                         format="%(levelname)s: %(message)s")
-    if sum(bool(opts[k]) for k in ("photos", "raw", "fivek")) != 1:
+    opts = TrainOptions.from_click(params)
+    if sum(bool(x) for x in (opts.photos, opts.raw, opts.fivek)) != 1:
         raise click.UsageError("give exactly one of --photos, --raw, --fivek")
-    if opts["init_ckpt"] and opts["resume"]:
+    if opts.init_ckpt and opts.resume:
         raise click.UsageError("--init (fine-tune from a model) and --resume (continue this run) contradict "
                                "each other")
     sys.exit(_guarded(opts))
 
 
-def _guarded(opts: dict[str, Any]) -> int:
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything rawdiff-train was asked to do (built from click's parameters)."""
+
+    out: str
+    photos: tuple[str, ...] = ()
+    raw: str | None = None
+    fivek: str | None = None
+    train_list: str | None = None
+    test_list: str | None = None
+    camera: str = "nikon-d700"
+    variants: int = 16
+    scene_aug: bool = True
+    wb: str = "camera"
+    cache: str | None = None
+    val_count: int = 3
+    val_crop: int = 256
+    val_steps: int = 10
+    config_name: str = "paper"
+    steps: int = 20_000
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_min: float = 2e-6
+    warmup: int = 1000
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    schedule: str = "scaled_linear"
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    compile_: bool = False
+    ckpt_every: int = 1000
+    val_every: int = 1000
+    log_every: int = 50
+    max_minutes: float | None = None
+    resume: bool = False
+    init_ckpt: str | None = None
+    tensorboard: bool = False
+    quiet: bool = False
+    verbose: bool = False
+
+    @classmethod
+    def from_click(cls, params: dict[str, Any]) -> "TrainOptions":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in names})
+
+    def train_config(self):  # noqa: ANN201 - TrainConfig, imported lazily
+        """The trainer's configuration; every number checked (exit 2) before any work."""
+        from .trainer import TrainConfig
+
+        try:
+            return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                               lr_min=self.lr_min, warmup=self.warmup, grad_clip=self.grad_clip,
+                               ema_decay=self.ema, seed=self.seed, bf16=self.bf16, compile=self.compile_,
+                               ckpt_every=self.ckpt_every, val_every=self.val_every, log_every=self.log_every)
+        except ValueError as e:
+            raise _Fail(f"invalid training settings: {first_line(e)}", EXIT_USAGE) from None
+
+
+def _guarded(opts: TrainOptions) -> int:
     """Run with interrupt handling; map every failure to one line and an exit status."""
     from rawdiff_infer.interrupts import Interrupted, handle_interrupts, signal_name
 
@@ -314,7 +372,7 @@ def _guarded(opts: dict[str, Any]) -> int:
 
     try:
         with handle_interrupts(last_words):
-            return _run(**opts)
+            return _run(opts)
     except Interrupted as e:
         last_words(e)
         return e.exit_code
@@ -330,7 +388,7 @@ def _guarded(opts: dict[str, Any]) -> int:
         _err(f"error: {first_line(e)}; lower --lr or raise --warmup")
         return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - a bug: one line for the user, the traceback with -v
-        if opts.get("verbose"):
+        if opts.verbose:
             import traceback
 
             traceback.print_exc()
@@ -338,38 +396,36 @@ def _guarded(opts: dict[str, Any]) -> int:
         return EXIT_FAILED
 
 
-def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, scene_aug, wb, cache, val_count,
-         val_crop, val_steps, config_name, steps, batch_size, grad_accum, lr, lr_min, warmup, grad_clip, ema,
-         schedule, seed, device, bf16, compile_, ckpt_every, val_every, log_every, max_minutes, resume, init_ckpt,
-         tensorboard, quiet, verbose) -> int:
+def _run(opts: TrainOptions) -> int:
+    """The phases: check -> device -> data -> trainer (init / resume) -> train."""
+    cfg = opts.train_config()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if opts.batch_size % (world * opts.grad_accum):
+        raise _Fail(f"--batch-size {opts.batch_size} must divide by the number of processes x --grad-accum "
+                    f"({world} x {opts.grad_accum})", EXIT_USAGE)
+    out_dir = Path(opts.out)
+    _check_out_dir(out_dir)
+    if opts.resume and not (out_dir / "latest").is_file():
+        raise _Fail(f"--resume: {show_path(opts.out)} has no checkpoint yet")
+    device = _device(opts.device, world)
+    pool, val, meta = _data(opts, device, out_dir)
+    trainer = _trainer(opts, cfg, pool, val, meta, device, out_dir)
+    rows = trainer.run(progress=not opts.quiet, max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
+    if trainer.rank == 0 and rows:
+        last = rows[-1]
+        click.echo(f"done: step {trainer.step}, loss {last['loss']:.4f}, {last['samples_per_s']:.0f} samples/s; "
+                   f"checkpoint {out_dir / (out_dir / 'latest').read_text().strip() / 'model.safetensors'}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return EXIT_OK
+
+
+def _device(device: str, world: int) -> str:
+    """auto -> cuda:LOCAL_RANK or cpu; joins the process group under torchrun."""
     import torch
     import torch.distributed as dist
-
-    from rawdiff_infer.checkpoint import CheckpointError, ModelMeta
-    from rawdiff_infer.model import UNetConfig
-    from rawdiff_infer.schedule import ScheduleConfig
-
-    from .fivek import RawFileError
-    from .pool import PairPool
-    from .scene_aug import SceneAugmentation
-    from .trainer import TrainConfig, Trainer
-    from .validation import ValidationSet, center_crop
-
-    try:  # every number checked before any work
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_min=lr_min,
-                          warmup=warmup, grad_clip=grad_clip, ema_decay=ema, seed=seed, bf16=bf16,
-                          compile=compile_, ckpt_every=ckpt_every, val_every=val_every, log_every=log_every)
-    except ValueError as e:
-        raise _Fail(f"invalid training settings: {first_line(e)}", EXIT_USAGE) from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if batch_size % (world * grad_accum):
-        raise _Fail(f"--batch-size {batch_size} must divide by the number of processes x --grad-accum "
-                    f"({world} x {grad_accum})", EXIT_USAGE)
-    out_dir = Path(out)
-    _check_out_dir(out_dir)
-    latest = out_dir / "latest"
-    if resume and not latest.is_file():
-        raise _Fail(f"--resume: {show_path(out)} has no checkpoint yet")
 
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -377,25 +433,48 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, scene
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
+    return device
+
+
+def _data(opts: TrainOptions, device: str, out_dir: Path):  # noqa: ANN202
+    """(pair pool on the device, validation pairs, model description); creates the run folder."""
+    from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.model import UNetConfig
+    from rawdiff_infer.schedule import ScheduleConfig
+
+    from .fivek import RawFileError
+    from .pool import PairPool
+    from .scene_aug import SceneAugmentation
+
     try:
-        pairs, val, cam, desc = build_data(photos, raw, fivek, camera=camera, variants=variants, wb=wb,
-                                           train_list=train_list, test_list=test_list, val_count=val_count,
-                                           seed=seed, cache=cache,
-                                           augmentation=SceneAugmentation() if scene_aug else None)
+        pairs, val, cam, desc = build_data(opts.photos, opts.raw, opts.fivek, camera=opts.camera,
+                                           variants=opts.variants, wb=opts.wb, train_list=opts.train_list,
+                                           test_list=opts.test_list, val_count=opts.val_count, seed=opts.seed,
+                                           cache=opts.cache, augmentation=SceneAugmentation() if opts.scene_aug
+                                           else None)
     except (RawFileError, ValueError, OSError) as e:
         raise _Fail(_data_message(e)) from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _Fail(f"--out {show_path(out)}: cannot create the run folder ({e.strerror or first_line(e)})",
+        raise _Fail(f"--out {show_path(opts.out)}: cannot create the run folder ({e.strerror or first_line(e)})",
                     EXIT_USAGE) from None
-    model_cfg = UNetConfig() if config_name == "paper" else UNetConfig.tiny()
-    meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=schedule), camera=cam, provenance=desc)
+    model_cfg = UNetConfig() if opts.config_name == "paper" else UNetConfig.tiny()
+    meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=opts.schedule), camera=cam, provenance=desc)
     try:
         pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
     except ValueError as e:
         raise _Fail(f"training data: {first_line(e)}") from None
-    del pairs
+    return pool, val, meta
+
+
+def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, device: str, out_dir: Path):  # noqa
+    """The Trainer, with its validation set, started from --init or restored by --resume."""
+    from rawdiff_infer.checkpoint import CheckpointError
+
+    from .trainer import Trainer
+    from .validation import ValidationSet, center_crop
+
     validate = None
     if val:
         import numpy as np
@@ -403,32 +482,26 @@ def _run(photos, raw, fivek, train_list, test_list, out, camera, variants, scene
         from rawdiff_infer.rawspace import RawEncoding
 
         enc = RawEncoding()
-        inputs = [center_crop(np.round(np.clip(p.srgb, 0, 1) * 255).astype(np.uint8), val_crop) for p in val]
-        targets = [center_crop(enc.encode(p.raw).astype(np.float32), val_crop) for p in val]
-        validate = ValidationSet(inputs, targets, meta, device=device, steps=val_steps)
-    trainer = Trainer(pool, out_dir, config=cfg, meta=meta, device=device, validate=validate, tensorboard=tensorboard)
-    if init_ckpt:
+        inputs = [center_crop(np.round(np.clip(p.srgb, 0, 1) * 255).astype(np.uint8), opts.val_crop) for p in val]
+        targets = [center_crop(enc.encode(p.raw).astype(np.float32), opts.val_crop) for p in val]
+        validate = ValidationSet(inputs, targets, meta, device=device, steps=opts.val_steps)
+    trainer = Trainer(pool, out_dir, config=cfg, meta=meta, device=device, validate=validate,
+                      tensorboard=opts.tensorboard)
+    if opts.init_ckpt:
         try:
-            origin = trainer.init_from(init_ckpt)
+            origin = trainer.init_from(opts.init_ckpt)
         except (CheckpointError, OSError, ValueError) as e:
-            raise _Fail(f"--init {show_path(init_ckpt)}: {_ckpt_message(e, init_ckpt)}") from None
-        meta.provenance["initialised_from"] = {"path": str(init_ckpt), **origin}
-    if resume:
-        where = latest
+            raise _Fail(f"--init {show_path(opts.init_ckpt)}: {_ckpt_message(e, opts.init_ckpt)}") from None
+        meta.provenance["initialised_from"] = {"path": str(opts.init_ckpt), **origin}
+    if opts.resume:
+        where = out_dir / "latest"
         try:
-            where = out_dir / latest.read_text().strip()
+            where = out_dir / where.read_text().strip()
             trainer.load(where)
         except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
             raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
         click.echo(f"resumed from step {trainer.step}", err=True)
-    rows = trainer.run(progress=not quiet, max_seconds=max_minutes * 60 if max_minutes else None)
-    if trainer.rank == 0 and rows:
-        last = rows[-1]
-        click.echo(f"done: step {trainer.step}, loss {last['loss']:.4f}, {last['samples_per_s']:.0f} samples/s; "
-                   f"checkpoint {out_dir / latest.read_text().strip() / 'model.safetensors'}")
-    if world > 1:
-        dist.destroy_process_group()
-    return EXIT_OK
+    return trainer
 
 
 def _check_out_dir(out_dir: Path) -> None:
