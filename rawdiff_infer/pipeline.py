@@ -43,7 +43,7 @@ class SamplerConfig:
     Attributes:
         method: one of ``samplers.SAMPLERS`` (default ``samplers.DEFAULT_METHOD``).
         steps: model evaluations, 1..1000 (None: the method's default).
-        eta: stochasticity in [0, 1] for ddim and dpm-sde (None: the method's default).
+        eta: stochasticity in [0, 1] for ddim, dpm and dpm-sde (None: the method's default).
         order: solver order (None: the method's default).
         spacing: timestep grid (None: the method's default).
         clip_x0: static clamp of the x0 prediction in model space (None: off).

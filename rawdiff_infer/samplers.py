@@ -287,26 +287,39 @@ def sample_dpm_single(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """What a method is: its default steps and grid, whether it draws noise, the orders it takes."""
+    """What a method is: its defaults, where its noise comes from, the options it takes.
+
+    Attributes:
+        noise: "generator" (fresh noise from the caller's generator: a seed gives the output), "keyed" (noise that
+            is a hash of x_T: the output is a function of x_T alone, no generator) or "none" (never draws).
+        default_eta: the stochasticity used when none is given (None: the method takes no eta).
+    """
 
     name: str
     default_steps: int
     default_spacing: str
-    stochastic: bool
+    noise: Literal["generator", "keyed", "none"]
     orders: tuple[int, ...] = ()
     default_order: int | None = None
+    default_eta: float | None = None
     summary: str = ""
+
+    @property
+    def stochastic(self) -> bool:
+        """True when the output depends on a generator besides x_T."""
+        return self.noise == "generator"
 
 
 SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
-    SamplerSpec("ddpm", 1000, "linspace", True, summary="ancestral DDPM (Ho et al. 2020), the paper's sampler"),
-    SamplerSpec("ddim", 50, "linspace", False, summary="DDIM (Song et al. 2021); --eta > 0 makes it stochastic"),
-    SamplerSpec("dpm", 20, "logSNR", False, (1, 2, 3), 2,
-                "DPM-Solver++ multistep (Lu et al. 2022b), the probability-flow ODE: deterministic"),
-    SamplerSpec("dpm-sde", 20, "logSNR", True, (1, 2, 3), 2,
-                "SDE-DPM-Solver++ multistep: re-injects noise like DDPM"),
-    SamplerSpec("dpm-single", 20, "logSNR", False, (1, 2, 3), 3,
-                "singlestep DPM-Solver (Lu et al. 2022a), the paper's fast sampler: deterministic"),
+    SamplerSpec("ddpm", 1000, "linspace", "generator", summary="ancestral DDPM (Ho et al. 2020), the paper's sampler"),
+    SamplerSpec("ddim", 50, "linspace", "generator", default_eta=0.0,
+                summary="DDIM (Song et al. 2021); --eta > 0 makes it stochastic"),
+    SamplerSpec("dpm", 20, "logSNR", "keyed", (1, 2, 3), 2, 0.0,
+                "DPM-Solver++ multistep (Lu et al. 2022b); deterministic (a function of the starting noise alone)"),
+    SamplerSpec("dpm-sde", 20, "logSNR", "generator", (1, 2, 3), 2, 1.0,
+                "SDE-DPM-Solver++ multistep: re-injects fresh noise like DDPM"),
+    SamplerSpec("dpm-single", 20, "logSNR", "none", (1, 2, 3), 3,
+                summary="singlestep DPM-Solver (Lu et al. 2022a), the paper's fast sampler: deterministic"),
 )}
 SAMPLERS: tuple[str, ...] = tuple(SPECS)
 #: the sampler every entry point (library, CLI, benchmark) uses unless told otherwise
@@ -324,8 +337,8 @@ def check_options(method: str, *, steps: int | None = None, eta: float | None = 
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if eta is not None:
-        if method not in ("ddim", "dpm-sde"):
-            raise ValueError(f"{method} takes no eta (only ddim and dpm-sde are stochastic by eta)")
+        if spec.default_eta is None:
+            raise ValueError(f"{method} takes no eta (only {', '.join(k for k, v in SPECS.items() if v.default_eta is not None)} do)")
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     if order is not None and order not in spec.orders:
@@ -365,10 +378,12 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = D
         schedule: the schedule the model was trained with.
         method: one of ``SAMPLERS`` (default ``DEFAULT_METHOD``); see ``SPECS`` for each one's summary.
         steps: model evaluations (default per method: ``DEFAULT_STEPS``).
-        eta: stochasticity in [0, 1]: DDIM's eta (default 0) and dpm-sde's (default 1; 0 would be the ODE); other
-            methods refuse it.
-        generator: source of the noise drawn during sampling (stochastic methods), unless ``noise`` is given.
-        noise: a NoiseSampler (overrides ``generator``).
+        eta: stochasticity in [0, 1] of ddim, dpm and dpm-sde (0: the deterministic ODE step; defaults in SPECS);
+            other methods refuse it.
+        generator: source of the noise drawn during sampling by the generator-noise methods (``SPECS[m].noise``),
+            unless ``noise`` is given.
+        noise: a NoiseSampler (overrides ``generator``). ``dpm`` always draws keyed noise (``keyed_noise(x_T)``):
+            its output is a function of x_T alone.
         timesteps: explicit decreasing grid (training units) overriding ``steps``/``spacing``.
         spacing: grid spacing, see Schedule.timesteps (default per method).
         order: solver order (dpm, dpm-sde: 1-3, default 2; dpm-single: 1-3, default 3).
@@ -380,7 +395,8 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = D
     """
     spec = check_options(method, steps=steps, eta=eta, order=order, spacing=spacing, clip_x0=clip_x0)
     x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))
-    noise = noise or gaussian_noise(generator)
+    noise = keyed_noise(x) if spec.noise == "keyed" else (noise or gaussian_noise(generator))
+    eta = spec.default_eta if eta is None else eta
     k = order or spec.default_order
     if method == "dpm-single" and timesteps is None:
         orders = singlestep_orders(steps or spec.default_steps, int(k))  # type: ignore[arg-type]
@@ -393,8 +409,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = D
     if method == "ddpm":
         return sample_ddpm(model, x, ts, noise=noise)
     if method == "ddim":
-        return sample_ddim(model, x, ts, noise=noise, eta=eta or 0.0)
+        return sample_ddim(model, x, ts, noise=noise, eta=float(eta or 0.0))
     if method == "dpm-single":
         return sample_dpm_single(model, x, ts, noise=noise, orders=orders, algorithm=algorithm)
-    return sample_dpmpp(model, x, ts, noise=noise, order=int(k),  # type: ignore[arg-type]
-                        eta=0.0 if method == "dpm" else (1.0 if eta is None else eta))
+    return sample_dpmpp(model, x, ts, noise=noise, order=int(k), eta=float(eta or 0.0))  # type: ignore[arg-type]

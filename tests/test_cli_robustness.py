@@ -143,7 +143,7 @@ def test_sigterm_takes_effect_within_seconds_even_inside_a_long_model_call(ckpt:
 
 @pytest.mark.parametrize("opts,words", [
     (["--eta", "nan", "--sampler", "ddim"], "eta"),
-    (["--eta", "0.5", "--sampler", "dpm"], "takes no eta"),
+    (["--eta", "0.5", "--sampler", "dpm-single"], "takes no eta"),
     (["--seed", "18446744073709551616"], "--seed"),
     (["--seed", "-1"], "--seed"),
     (["--device", "meta"], "--device"),

@@ -199,8 +199,8 @@ def test_bad_arguments() -> None:
         sample(oracle_eps(MU, S), x, SCH, "dpm", timesteps=[0, 10])
     with pytest.raises(ValueError, match="decreasing"):  # dpm-single validates explicit grids too
         sample(oracle_eps(MU, S), x, SCH, "dpm-single", timesteps=[0, 10, 20])
-    with pytest.raises(ValueError, match="takes no eta"):  # the ODE solver stays deterministic
-        sample(oracle_eps(MU, S), x, SCH, "dpm", 10, eta=0.5)
+    with pytest.raises(ValueError, match="takes no eta"):
+        sample(oracle_eps(MU, S), x, SCH, "dpm-single", 10, eta=0.5)
     with pytest.raises(ValueError, match="order"):
         sample(oracle_eps(MU, S), x, SCH, "ddim", 10, order=2)
 
