@@ -98,33 +98,10 @@ def handle_interrupts(on_hard_exit: Callable[[Interrupted], None] | None = None,
         fired.append(signum)
         raise Interrupted(signum)
 
-    def watchdog() -> None:
-        while not done.is_set():
-            ready, _, _ = select.select([reader], [], [], 0.2)
-            if not ready:
-                continue
-            try:
-                data = reader.recv(64)
-            except (BlockingIOError, OSError):
-                continue
-            signums = [b for b in data if b in HANDLED_SIGNALS]
-            if not signums:
-                continue
-            if done.wait(grace_s):
-                return
-            remove_live_temporaries()
-            exc = Interrupted(fired[0] if fired else signums[0])
-            if on_hard_exit is not None:
-                with contextlib.suppress(Exception):
-                    on_hard_exit(exc)
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(exc.exit_code)
-
     saved = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
     old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    thread = threading.Thread(target=watchdog, name="rawdiff-interrupt-watchdog", daemon=True)
+    thread = threading.Thread(target=_watchdog, args=(reader, done, fired, grace_s, on_hard_exit),
+                              name="rawdiff-interrupt-watchdog", daemon=True)
     thread.start()
     try:
         yield
@@ -136,3 +113,31 @@ def handle_interrupts(on_hard_exit: Callable[[Interrupted], None] | None = None,
         thread.join(timeout=1.0)
         reader.close()
         writer.close()
+
+
+def _watchdog(reader: socket.socket, done: threading.Event, fired: list[int], grace_s: float,
+              on_hard_exit: Callable[[Interrupted], None] | None) -> None:
+    """Wait for a signal number on the wakeup socket; if the main thread has not finished ``grace_s`` seconds
+    later, remove live temporaries, report, and end the process with the signal's status."""
+    while not done.is_set():
+        ready, _, _ = select.select([reader], [], [], 0.2)
+        if not ready:
+            continue
+        try:
+            data = reader.recv(64)
+        except OSError:  # BlockingIOError included
+            continue
+        signums = [b for b in data if b in HANDLED_SIGNALS]
+        if not signums:
+            continue
+        if done.wait(grace_s):
+            return
+        remove_live_temporaries()
+        exc = Interrupted(fired[0] if fired else signums[0])
+        if on_hard_exit is not None:
+            with contextlib.suppress(Exception):
+                on_hard_exit(exc)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(exc.exit_code)

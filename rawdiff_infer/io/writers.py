@@ -158,6 +158,20 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
     if description is None:
         description = f"RAW reconstructed from an sRGB image by {software}"
 
+    ifd0_tags, raw_tags = _dng_tags(camera, int(orientation), cfa)
+    with atomic_write(path, overwrite=overwrite) as f, tifffile.TiffWriter(f) as tw:
+        tw.write(preview, photometric="rgb", subfiletype=1, subifds=1, software=_ascii(software),
+                 description=_ascii(description), metadata=None, extratags=ifd0_tags)
+        tw.write(raw, photometric=_PHOTOMETRIC_CFA, subfiletype=0, software=False, metadata=None,
+                 extratags=raw_tags)
+    logger.info("wrote %s: %dx%d %s DNG (%s, black %d, white %d)", os.fspath(path), raw.shape[1],
+                raw.shape[0], camera.cfa_pattern, camera.unique_model, black, white)
+    return raw
+
+
+def _dng_tags(camera: Camera, orientation: int, cfa: np.ndarray) -> tuple[list, list]:
+    """(IFD0 tags: the DNG-wide ones; raw SubIFD tags: the CFA layout and levels), as tifffile extratags."""
+    black, white = int(camera.black_level), int(camera.white_level)
     dt = tifffile.DATATYPE
     ifd0_tags = [
         (50706, dt.BYTE, 4, (1, 4, 0, 0), True),            # DNGVersion
@@ -181,14 +195,7 @@ def write_dng(path: PathLike, linear: np.ndarray, *, camera: Camera, orientation
         (50714, dt.LONG, 1, (black,), True),                # BlackLevel
         (50717, dt.LONG, 1, (white,), True),                # WhiteLevel
     ]
-    with atomic_write(path, overwrite=overwrite) as f, tifffile.TiffWriter(f) as tw:
-        tw.write(preview, photometric="rgb", subfiletype=1, subifds=1, software=_ascii(software),
-                 description=_ascii(description), metadata=None, extratags=ifd0_tags)
-        tw.write(raw, photometric=_PHOTOMETRIC_CFA, subfiletype=0, software=False, metadata=None,
-                 extratags=raw_tags)
-    logger.info("wrote %s: %dx%d %s DNG (%s, black %d, white %d)", os.fspath(path), raw.shape[1],
-                raw.shape[0], camera.cfa_pattern, camera.unique_model, black, white)
-    return raw
+    return ifd0_tags, raw_tags
 
 
 def write_tiff(path: PathLike, image: np.ndarray, *, software: str = "rawdiff", description: str | None = None,
