@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 
 from rawdiff_infer import __version__
 from rawdiff_infer.backends.aoti import AOTI_FORMAT, AotiBackend, current_target
@@ -41,7 +40,7 @@ from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
 from rawdiff_infer.fsio import OutputExistsError, atomic_path
 from rawdiff_infer.model import UNet
 
-from .onnx_export import ExportError, default_out_dir, output_stem
+from .onnx_export import ExportError, FloatOutput, default_out_dir, output_stem
 
 __all__ = ["AotiExport", "aoti_parity", "default_aoti_path", "export_aoti", "export_checkpoint_aoti"]
 
@@ -51,17 +50,6 @@ AotiPrecision = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: the largest dynamic batch accepted (patches per call)
 MAX_BATCH_LIMIT = 1 << 16
-
-
-class _Float32Out(nn.Module):
-    """fp32 output whatever the weights' dtype (the model casts its fp32 inputs itself)."""
-
-    def __init__(self, model: UNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model(x_t, cond, t).float()
 
 
 def _default_precision(device: torch.device) -> AotiPrecision:
@@ -146,7 +134,7 @@ def _compile(model: UNet, dev: torch.device, prec: str, p: int, max_batch: int, 
     batch = torch.export.Dim("N", min=1, max=max_batch)
     try:
         with torch.no_grad():
-            program = torch.export.export(_Float32Out(m), args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+            program = torch.export.export(FloatOutput(m), args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
         buf = io.BytesIO()
         from torch._inductor import aoti_compile_and_package
 

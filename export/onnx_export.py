@@ -87,7 +87,7 @@ class ExportedCheckpoint:
     fp16_reference: str | None
 
 
-class _FloatOut(nn.Module):
+class FloatOutput(nn.Module):
     """fp32 output whatever the weights' dtype (the model casts its fp32 inputs itself)."""
 
     def __init__(self, model: UNet) -> None:
@@ -227,7 +227,7 @@ def onnx_graph(model: UNet, meta: ModelMeta, *, precision: Precision = "fp32", p
     m = copy.deepcopy(model).to(device="cpu", dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
     m.set_fused_attention(False)  # the explicit fp32-softmax attention
     with torch.no_grad():
-        data, exporter = _torch_export(_FloatOut(m), _example_inputs(m, p), opset)
+        data, exporter = _torch_export(FloatOutput(m), _example_inputs(m, p), opset)
     proto = onnx.load_model_from_string(data)
     props = {"rawdiff": meta.to_json(), "rawdiff.format": ONNX_FORMAT, "rawdiff.precision": precision,
              "rawdiff.patch_size": str(p), "rawdiff.checkpoint_sha256": checkpoint_sha256,
