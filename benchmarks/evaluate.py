@@ -7,14 +7,14 @@ Two kinds of data, from any folder (file names do not matter):
 - ``--raw DIR``: real camera RAW files, turned into (sRGB, RAW) pairs by the InvISP protocol
   (``rawdiff_train.fivek``; LibRaw renders the sRGB).
 
-For every ``--sampler METHOD[:STEPS][:options]`` and every ``--seed``, each image (or its centre ``--crop``) is
+For every ``--sampler METHOD[:STEPS][:options]`` and every ``--seed``, each image (or its ``--crop`` crops) is
 reconstructed and compared with its RAW target: PSNR on the encoded RAW (prediction clamped to [0, 1], peak 1,
 InvISP's definition), the brightness ratio (mean of the prediction over mean of the target; 1 is right), and the
 seconds per image. The table gives per sampler the mean PSNR over images and seeds, the spread of the per-seed
 means (max - min), the evaluations per image and the time; ``--json`` keeps every row, ``--plot`` draws PSNR
 against model evaluations. The first row is the identity-like baseline: the sRGB curve inverted, nothing learnt.
 
-    rawdiff-eval --photos heldout/ --crop 128 --seed 0 --seed 1 \\
+    rawdiff-eval --photos heldout/ --crop 128 --crops-per-side 2 --seed 0 --seed 1 \\
         --sampler dpm-sde:10 --sampler dpm-sde:20 --sampler dpm:20 --json eval.json --plot eval.png
 """
 
@@ -63,16 +63,32 @@ class EvalRow:
     seconds: float
 
 
-def _centre(a: np.ndarray, crop: int | None) -> np.ndarray:
+def _crops(a: np.ndarray, crop: int | None, per_side: int = 1) -> list[np.ndarray]:
+    """The whole image (no ``crop``), or ``per_side`` x ``per_side`` crops of crop x crop pixels spread evenly
+    over it (one: the centre crop)."""
     if not crop:
-        return a
+        return [a]
     h, w = a.shape[:2]
-    top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
-    return a[top:top + crop, left:left + crop]
+    out = []
+    for i in range(per_side):
+        for j in range(per_side):
+            top = max(0, round((h - crop) * (i + 0.5) / per_side))
+            left = max(0, round((w - crop) * (j + 0.5) / per_side))
+            out.append(a[top:top + crop, left:left + crop])
+    return out
 
 
-def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, seed: int = 10_000) -> list[EvalCase]:
-    """Photos of ``folder`` rendered by the synthetic camera of ``camera`` (the model's), one fixed draw each."""
+def _cases(name: str, srgb: np.ndarray, target: np.ndarray, crop: int | None, per_side: int) -> list[EvalCase]:
+    xs, ys = _crops(srgb, crop, per_side), _crops(target, crop, per_side)
+    if len(xs) == 1:
+        return [EvalCase(name, xs[0], ys[0])]
+    return [EvalCase(f"{name}#{k}", x, y) for k, (x, y) in enumerate(zip(xs, ys))]
+
+
+def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, per_side: int = 1,
+                seed: int = 10_000) -> list[EvalCase]:
+    """Photos of ``folder`` rendered by the synthetic camera of ``camera`` (the model's), one fixed draw each; whole,
+    or ``per_side`` x ``per_side`` crops of each."""
     from rawdiff_infer.rawspace import RawEncoding
     from rawdiff_train.data import PHOTO_EXTENSIONS, PhotoPairSource, list_files
 
@@ -85,11 +101,11 @@ def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, see
     for i, f in enumerate(files):
         pair = src[i]
         srgb = np.round(np.clip(pair.srgb, 0, 1) * 255).astype(np.uint8)
-        cases.append(EvalCase(f.stem, _centre(srgb, crop), _centre(enc.encode(pair.raw.astype(np.float32)), crop)))
+        cases += _cases(f.stem, srgb, enc.encode(pair.raw.astype(np.float32)), crop, per_side)
     return cases
 
 
-def raw_cases(folder: str | Path, *, crop: int | None = None) -> list[EvalCase]:
+def raw_cases(folder: str | Path, *, crop: int | None = None, per_side: int = 1) -> list[EvalCase]:
     """Real RAW files of ``folder`` through the InvISP protocol (camera white balance, JPEG quality 90)."""
     from rawdiff_infer.rawspace import RawEncoding
     from rawdiff_train.data import RawPairSource
@@ -102,7 +118,7 @@ def raw_cases(folder: str | Path, *, crop: int | None = None) -> list[EvalCase]:
     for i in range(len(src)):
         pair = src[i]
         srgb = np.round(np.clip(pair.srgb, 0, 1) * 255).astype(np.uint8)
-        cases.append(EvalCase(pair.name, _centre(srgb, crop), _centre(enc.encode(pair.raw), crop)))
+        cases += _cases(pair.name, srgb, enc.encode(pair.raw), crop, per_side)
     return cases
 
 
@@ -128,7 +144,8 @@ def evaluate(backend: Any, cases: Sequence[EvalCase], specs: Sequence[str], seed
     """Reconstruct every case with every spec and seed; one row each (PSNR, brightness ratio, seconds).
 
     ``pack``: reconstruct all cases of one (spec, seed) together (their patches share backend calls; the seconds
-    per image are then the pack's time divided by the number of images)."""
+    per image are then the pack's time divided by the number of images). Case i of seed s starts from the noise
+    of seed ``1000 s + i``, so that no two cases share their starting noise."""
     from rawdiff_infer.metrics import psnr
     from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
 
@@ -139,13 +156,13 @@ def evaluate(backend: Any, cases: Sequence[EvalCase], specs: Sequence[str], seed
         for seed in seeds:
             t0 = time.perf_counter()
             if pack:
-                outs = rec.reconstruct_many([c.srgb for c in cases], seeds=[seed] * len(cases))
+                outs = rec.reconstruct_many([c.srgb for c in cases], seeds=[1000 * seed + i for i in range(len(cases))])
                 per = [(time.perf_counter() - t0) / len(cases)] * len(cases)
             else:
                 outs, per = [], []
-                for c in cases:
+                for i, c in enumerate(cases):
                     t1 = time.perf_counter()
-                    outs.append(rec.reconstruct(c.srgb, seed=seed))
+                    outs.append(rec.reconstruct(c.srgb, seed=1000 * seed + i))
                     per.append(time.perf_counter() - t1)
             for c, o, s in zip(cases, outs, per):
                 rows.append(EvalRow(spec, cfg.method, cfg.num_steps, c.name, seed, psnr(o.encoded, c.target),
@@ -225,7 +242,9 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "", *
 @click.option("--sampler", "specs", multiple=True, required=True, metavar="METHOD[:STEPS][:k=v,...]",
               help="Sampler to evaluate; repeat. Options: eta, order, spacing, clip_x0.")
 @click.option("--seed", "seeds", multiple=True, type=click.IntRange(0, 2**64 - 1), help="Repeat (default 0).")
-@click.option("--crop", type=click.IntRange(8), help="Centre crop of N x N pixels instead of the whole image.")
+@click.option("--crop", type=click.IntRange(8), help="Crops of N x N pixels instead of the whole image.")
+@click.option("--crops-per-side", "per_side", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="With --crop: K x K crops spread over each image (1: the centre crop).")
 @click.option("--stride", type=click.IntRange(1), default=48, show_default=True)
 @click.option("--grid", type=click.Choice(["overlap", "shifted"]), default="overlap", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), help="Patches per model call (default 64 on CPU, 512 on CUDA).")
@@ -234,7 +253,7 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "", *
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PSNR against evaluations (PNG).")
 @click.option("--force", is_flag=True, help="Replace existing --json / --plot files.")
-def cli(photos, raw_dir, ckpt, specs, seeds, crop, stride, grid, batch_size, device, dtype, json_path,
+def cli(photos, raw_dir, ckpt, specs, seeds, crop, per_side, stride, grid, batch_size, device, dtype, json_path,
         plot_path, force) -> None:
     import torch
 
@@ -264,9 +283,10 @@ def cli(photos, raw_dir, ckpt, specs, seeds, crop, stride, grid, batch_size, dev
     be = TorchBackend.from_checkpoint(ckpt or default_checkpoint(), device=device, dtype=dt)
     tiles = TileConfig(patch_size=be.patch_size, stride=stride, grid=grid,
                        batch_size=batch_size or (512 if device.startswith("cuda") else 64))
-    cases = photo_cases(photos, be.meta.camera, crop=crop) if photos else raw_cases(raw_dir, crop=crop)
+    cases = (photo_cases(photos, be.meta.camera, crop=crop, per_side=per_side) if photos
+             else raw_cases(raw_dir, crop=crop, per_side=per_side))
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
-    echo(f"{len(cases)} images{f' (centre {crop}x{crop})' if crop else ''}, {be.describe()}")
+    echo(f"{len(cases)} images{f' ({crop}x{crop} crops)' if crop else ''}, {be.describe()}")
     rows = baseline_rows(cases) + evaluate(be, cases, specs, seeds or (0,), tiles=tiles, echo=echo)
     summary = summarise(rows)
     click.echo(table(summary))

@@ -34,7 +34,8 @@ import torch
 
 from .schedule import SPACINGS, Schedule, Spacing
 
-__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "SAMPLERS", "SPECS", "Denoiser", "check_options", "keyed_noise", "EpsFn", "NoiseSampler", "SamplerSpec",
+__all__ = ["DEFAULT_METHOD", "DEFAULT_STEPS", "SAMPLERS", "SPECS", "Denoiser", "check_options", "dpmpp_weights",
+           "keyed_noise", "EpsFn", "NoiseSampler", "SamplerSpec",
            "gaussian_noise", "sample", "sample_ddim", "sample_ddpm", "sample_dpm_single", "sample_dpmpp",
            "singlestep_orders"]
 
@@ -168,6 +169,28 @@ def _eta_at(eta: float | Sequence[float], i: int) -> float:
     return float(eta[i]) if isinstance(eta, (list, tuple, np.ndarray)) else float(eta)
 
 
+def dpmpp_weights(h: float, eta: float = 0.0) -> tuple[float, float, float]:
+    """Weights of the x0 terms in one DPM-Solver++ step of log-SNR length h (> 0) with stochasticity eta >= 0.
+
+    The step integrates x0(lambda) against the kernel (1 + eta) e^{-(1 + eta)(h - tau)} over tau in [0, h] (the
+    data-prediction form of the probability-flow ODE at eta = 0, of the reverse SDE at eta = 1). With x0 expanded
+    as D0 + tau D1 / h + tau^2 D2 / h^2 (D1, D2 the scaled differences of the multistep history), the exact
+    integrals are (he = (1 + eta) h)::
+
+        w0 = 1 - e^{-he}
+        w1 = 1 - w0 / he                                       (phi_2)
+        w2 = 1/2 - (he - 1 + e^{-he}) / he^2 = -(w1 / he - 1/2)   (-phi_3)
+
+    Returns (w0, w1, w2); the update adds alpha_t (w0 D0 + w1 D1 + w2 D2). (diffusers' third-order
+    ``sde-dpmsolver++`` step, added in its PR #9104, writes the constant of w2 as -1/2: its D2 weight does not
+    vanish as h -> 0; k-diffusion's ``dpmpp_3m_sde`` agrees with these.)
+    """
+    he = h * (1.0 + eta)
+    w0 = -math.expm1(-he)
+    w1 = 1.0 - w0 / he
+    return w0, w1, -(w1 / he - 0.5)
+
+
 def sample_dpmpp(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: NoiseSampler | None = None,
                  order: int = 2, eta: float | Sequence[float] = 0.0) -> torch.Tensor:
     """DPM-Solver++ multistep, data prediction, with stochasticity eta (Lu et al. 2022b, Alg. 2 and sec. 5;
@@ -180,7 +203,7 @@ def sample_dpmpp(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: Noi
 
     eta = 0 is the probability-flow ODE solver (DPM-Solver++ 2M / 3M); eta = 1 is SDE-DPM-Solver++, which
     re-injects noise like DDPM. 2M uses the midpoint correction alpha_t (1 - e^{-he}) (D0 - D1) / (2 r); 3M the
-    phi_2 / phi_3 corrections. Lower order at warm-up and at the end (the last update returns x0; 3M takes 2nd
+    exact weights of ``dpmpp_weights``. Lower order at warm-up and at the end (the last update returns x0; 3M takes 2nd
     order just before when N < 15).
 
     Args:
@@ -201,23 +224,20 @@ def sample_dpmpp(model: Denoiser, x: torch.Tensor, ts: np.ndarray, *, noise: Noi
             return x0
         e = _eta_at(eta, i)
         h = lam[i + 1] - lam[i]
-        he = h * (1.0 + e)
+        w0, w1, w2 = dpmpp_weights(h, e)
         a_t, s_t = alpha[i + 1], sigma[i + 1]
-        one_minus = -math.expm1(-he)  # 1 - e^{-he}
         k = min(order, i + 1)
         if order == 3 and i == n - 2 and n < 15:
             k = min(k, 2)
-        x = torch.mul(x, s_t / sigma[i] * math.exp(-e * h)).add_(x0, alpha=a_t * one_minus)
-        if k == 2:  # midpoint: x += 0.5 a_t (1 - e^{-he}) (D0 - D1) / r0, without temporaries
-            c = 0.5 * a_t * one_minus * h / (lam[i] - lam[i - 1])
+        x = torch.mul(x, s_t / sigma[i] * math.exp(-e * h)).add_(x0, alpha=a_t * w0)
+        if k == 2:  # midpoint: x += 0.5 a_t w0 (D0 - D1) / r0, without temporaries
+            c = 0.5 * a_t * w0 * h / (lam[i] - lam[i - 1])
             x.add_(x0, alpha=c).add_(prev1, alpha=-c)
         elif k == 3:
             r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
             g0 = (x0 - prev1) / r0
             g1 = (prev1 - prev2) / r1
-            phi2 = 1.0 - one_minus / he
-            phi3 = phi2 / he - 0.5
-            x.add_(g0 + (r0 / (r0 + r1)) * (g0 - g1), alpha=a_t * phi2).add_(g0 - g1, alpha=-a_t * phi3 / (r0 + r1))
+            x.add_(g0 + (r0 / (r0 + r1)) * (g0 - g1), alpha=a_t * w1).add_(g0 - g1, alpha=a_t * w2 / (r0 + r1))
         if e > 0:
             x.add_(noise(x), alpha=s_t * math.sqrt(-math.expm1(-2.0 * e * h)))
         prev1, prev2 = x0, prev1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -282,3 +284,93 @@ def test_sde_dpmsolver_matches_diffusers(order: int, steps: int) -> None:
     err = ((ours - x).abs().max() / x.abs().max()).item()
     print(f"SDE-DPM-Solver++ {order}M {steps}: max |ours - diffusers| / max |diffusers| = {err:.2e}")
     assert err < 1e-5
+
+
+# ---- the quality-per-evaluation options (issue 13): weights, grids, keyed noise, third-order SDE --------------------
+
+@pytest.mark.parametrize("h", [0.02, 0.3, 0.85, 2.0])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_dpmpp_weights_are_the_exact_integrals(h: float, eta: float) -> None:
+    """w_k = int_0^h (1 + eta) e^{-(1 + eta)(h - tau)} (tau / h)^k / k! dtau, by quadrature."""
+    import numpy as np
+
+    from rawdiff_infer.samplers import dpmpp_weights
+
+    tau = np.linspace(0.0, h, 200_001)
+    kernel = (1 + eta) * np.exp(-(1 + eta) * (h - tau))
+    exact = [np.trapezoid(kernel * (tau / h) ** k / math.factorial(k), tau) for k in range(3)]
+    np.testing.assert_allclose(dpmpp_weights(h, eta), exact, rtol=1e-6, atol=1e-9)
+
+
+def test_third_order_weight_vanishes_for_small_steps() -> None:
+    from rawdiff_infer.samplers import dpmpp_weights
+
+    for eta in (0.0, 1.0):
+        w2 = dpmpp_weights(1e-3, eta)[2]
+        assert abs(w2) < 1e-3  # ~ (1 + eta) h / 6: a consistent multistep correction
+        diffusers_form = (1 - math.exp(-2e-3) - 2e-3) / (2e-3) ** 2 - 0.5  # sde-dpmsolver++ 3rd order, eta 1
+        assert abs(diffusers_form + 1.0) < 1e-3  # tends to -1: the sign slip documented in dpmpp_weights
+
+
+def test_dpm_on_the_karras_grid_converges_at_second_order() -> None:
+    errs = [_err("dpm", n, spacing="karras", order=2) for n in (21, 41, 81, 161)]
+    rates = [math.log2(errs[i] / errs[i + 1]) for i in range(3)]
+    assert all(b < a for a, b in zip(errs, errs[1:])) and rates[-1] > 1.65, rates
+
+
+@pytest.mark.parametrize("method,order", [("dpm", 2), ("dpm", 3), ("dpm-sde", 3)])
+def test_point_mass_returns_mu_exactly_with_noise_reinjected(method: str, order: int) -> None:
+    x_T = _xT(dtype=torch.float32)
+    out = sample(oracle_eps(MU, 0.0), x_T, SCH, method, 9, eta=1.0, order=order,
+                 generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out, torch.full_like(out, MU), atol=2e-6)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_keyed_noise_dpm_samples_the_data_distribution_from_x_T_alone(order: int) -> None:
+    """dpm with eta = 1 re-injects noise drawn from a hash of x_T: the data's mean and spread, deterministically."""
+    x_T = _xT((1, 1, 128, 128), dtype=torch.float32)
+    out = sample(oracle_eps(MU, S), x_T, SCH, "dpm", 50, eta=1.0, order=order, clip_x0=None)
+    assert abs(out.mean().item() - MU) < 0.02
+    assert abs(out.std().item() - S) < 0.03
+    # deterministic: a generator changes nothing; another x_T gives another sample
+    again = sample(oracle_eps(MU, S), x_T, SCH, "dpm", 50, eta=1.0, order=order, clip_x0=None,
+                   generator=torch.Generator().manual_seed(99))
+    assert torch.equal(out, again)
+    other = sample(oracle_eps(MU, S), _xT((1, 1, 128, 128), seed=5, dtype=torch.float32), SCH, "dpm", 50, eta=1.0,
+                   order=order, clip_x0=None)
+    assert (other - out).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("spacing", ["logSNR", "karras"])
+def test_third_order_sde_samples_the_data_distribution(spacing: str) -> None:
+    x_T = _xT((1, 1, 128, 128), dtype=torch.float32)
+    out = sample(oracle_eps(MU, S), x_T, SCH, "dpm-sde", 50, order=3, spacing=spacing, clip_x0=None,
+                 generator=torch.Generator().manual_seed(3))
+    assert abs(out.mean().item() - MU) < 0.02
+    assert abs(out.std().item() - S) < 0.03
+
+
+def test_keyed_noise_is_standard_normal_and_independent_of_x_T() -> None:
+    from rawdiff_infer.samplers import keyed_noise
+
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    draw = keyed_noise(x)
+    z1, z2 = draw(x), draw(x)
+    for z in (z1, z2):
+        assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+        assert abs((z * x).mean().item()) < 0.02  # uncorrelated with the noise it is keyed on
+    assert abs((z1 * z2).mean().item()) < 0.02 and not torch.equal(z1, z2)
+    assert torch.equal(keyed_noise(x)(x), z1)  # a function of x_T
+    packed = keyed_noise(torch.cat([x.flatten(), x.flatten()])[None])  # elementwise: packing changes nothing
+    assert torch.equal(packed(torch.zeros(1, 2 * x.numel()))[0, : x.numel()], z1.flatten())
+
+
+def test_grids_with_another_start_and_end() -> None:
+    for spacing in ("logSNR", "time-uniform", "karras"):
+        ts = SCH.timesteps(8, spacing, start=800.0, end=25.0)
+        assert ts[0] == 800.0 and ts[-1] == 25.0 and np.all(np.diff(ts) < 0)
+    with pytest.raises(ValueError):
+        SCH.timesteps(8, "linspace", start=800.0)
+    with pytest.raises(ValueError):
+        SCH.timesteps(8, "logSNR", start=10.0, end=20.0)
