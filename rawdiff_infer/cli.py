@@ -381,9 +381,11 @@ def _sampler_help() -> str:
 @click.option("--steps", type=click.IntRange(1, 1000),
               help="Model evaluations. Default: " + ", ".join(f"{k} {s.default_steps}" for k, s in SPECS.items())
               + ".")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), help="Stochasticity of ddim (default 0) and dpm-sde "
-              "(default 1), in [0, 1].")
-@click.option("--order", type=click.IntRange(1, 3), help="Solver order (dpm, dpm-sde: 2; dpm-single: 3).")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), help="Noise re-injected per step, in [0, 1] (0: the "
+              "deterministic ODE step). Default: " + ", ".join(f"{k} {s.default_eta:g}" for k, s in SPECS.items()
+                                                              if s.default_eta is not None) + ".")
+@click.option("--order", type=click.IntRange(1, 3), help="Solver order. Default: " + ", ".join(
+              f"{k} {s.default_order}" for k, s in SPECS.items() if s.orders) + ".")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Noise seed, 0..2^64-1 (same seed, same output).")
 @click.option("--patch-size", type=click.IntRange(8, 1024), help="Patch size in pixels, a multiple of 8, from half "

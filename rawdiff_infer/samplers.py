@@ -334,10 +334,11 @@ SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", 1000, "linspace", "generator", summary="ancestral DDPM (Ho et al. 2020), the paper's sampler"),
     SamplerSpec("ddim", 50, "linspace", "generator", default_eta=0.0,
                 summary="DDIM (Song et al. 2021); --eta > 0 makes it stochastic"),
-    SamplerSpec("dpm", 20, "logSNR", "keyed", (1, 2, 3), 2, 0.0,
-                "DPM-Solver++ multistep (Lu et al. 2022b); deterministic (a function of the starting noise alone)"),
-    SamplerSpec("dpm-sde", 20, "logSNR", "generator", (1, 2, 3), 2, 1.0,
-                "SDE-DPM-Solver++ multistep: re-injects fresh noise like DDPM"),
+    SamplerSpec("dpm", 10, "logSNR", "keyed", (1, 2, 3), 3, 1.0,
+                "DPM-Solver++ multistep (Lu et al. 2022b), 3rd order; deterministic: the noise it re-injects (eta "
+                "1) is a hash of the starting noise, so the output is a function of x_T alone (eta 0: the ODE)"),
+    SamplerSpec("dpm-sde", 10, "logSNR", "generator", (1, 2, 3), 3, 1.0,
+                "SDE-DPM-Solver++ multistep, 3rd order: re-injects fresh noise like DDPM"),
     SamplerSpec("dpm-single", 20, "logSNR", "none", (1, 2, 3), 3,
                 summary="singlestep DPM-Solver (Lu et al. 2022a), the paper's fast sampler: deterministic"),
 )}
