@@ -299,7 +299,9 @@ def phase_eval(args: SessionArgs, res: Results, device: str, ema, meta, val_file
     cuda = device.startswith("cuda")
     backend = TorchBackend(model, meta, device=device, dtype="fp16" if cuda else "fp32", compile=cuda,
                            cuda_graph=cuda, max_batch_size=max_patches if cuda else None)
-    settings = [("dpm-sde", 20, None), ("dpm-sde", 10, None), ("dpm", 20, None), ("dpm-single", 20, 3),
+    # the defaults (dpm-sde and dpm: 3rd order) first, then 0.1's default (dpm-sde 2M at 20) to compare with
+    settings = [("dpm-sde", 20, None), ("dpm-sde", 10, None), ("dpm-sde", 20, 2), ("dpm", 20, None),
+                ("dpm-single", 20, 3),
                 ("ddpm", 1000, None), ("dpm-sde", 50, None), ("ddim", 50, None), ("ddim", 200, None)]
     # one reconstructor per fusion mode; swapping its sampler keeps the recorded step graph (same image size)
     recs = {}

@@ -40,7 +40,7 @@ from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
 from rawdiff_infer.fsio import OutputExistsError, atomic_path
 from rawdiff_infer.model import UNet
 
-from .onnx_export import ExportError, FloatOutput, default_out_dir, output_stem
+from .onnx_export import ExportError, FloatOutput, default_out_dir, export_patch_size, output_stem
 
 __all__ = ["AotiExport", "aoti_parity", "default_aoti_path", "export_aoti", "export_checkpoint_aoti"]
 
@@ -109,11 +109,7 @@ def _check_options(model: UNet, device: str | torch.device, precision: AotiPreci
     prec = precision or _default_precision(dev)
     if prec not in _DTYPES:
         raise ExportError(f"unknown precision {prec!r}; choose fp32, fp16 or bf16")
-    cfg = model.config
-    p = int(patch_size or cfg.patch_size)
-    step = 2 ** (len(cfg.channel_mults) - 1)
-    if p < step or p % step:
-        raise ExportError(f"patch size {p} must be a positive multiple of {step} for this U-Net")
+    p = export_patch_size(model, patch_size)
     if not 2 <= max_batch <= MAX_BATCH_LIMIT:
         raise ExportError(f"max_batch must be in 2..{MAX_BATCH_LIMIT}, got {max_batch}")
     return dev, prec, p

@@ -98,6 +98,16 @@ class FloatOutput(nn.Module):
         return self.model(x_t, cond, t).float()
 
 
+def export_patch_size(model: UNet, patch_size: int | None) -> int:
+    """The patch side (pixels) an export is built for: ``patch_size``, or the model's training patch; it must be a
+    positive multiple of the U-Net's total downsampling (2^(levels - 1)), else ExportError."""
+    p = int(patch_size or model.config.patch_size)
+    step = 2 ** (len(model.config.channel_mults) - 1)
+    if p < step or p % step:
+        raise ExportError(f"patch size {p} must be a positive multiple of {step} for this U-Net")
+    return p
+
+
 def _example_inputs(model: UNet, patch: int, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -219,11 +229,7 @@ def onnx_graph(model: UNet, meta: ModelMeta, *, precision: Precision = "fp32", p
         raise ExportError(f"unknown precision {precision!r}; choose fp32 or fp16")
     if opset not in OPSETS:
         raise ExportError(f"opset {opset} not supported; choose one of {', '.join(map(str, OPSETS))}")
-    cfg = model.config
-    p = int(patch_size or cfg.patch_size)
-    step = 2 ** (len(cfg.channel_mults) - 1)
-    if p < step or p % step:
-        raise ExportError(f"patch size {p} must be a positive multiple of {step} for this U-Net")
+    p = export_patch_size(model, patch_size)
     m = copy.deepcopy(model).to(device="cpu", dtype=torch.float16 if precision == "fp16" else torch.float32).eval()
     m.set_fused_attention(False)  # the explicit fp32-softmax attention
     with torch.no_grad():

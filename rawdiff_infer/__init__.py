@@ -1,3 +1,3 @@
 """rawdiff: invert a camera's ISP (sRGB photo -> camera RAW) with a conditional diffusion model."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
