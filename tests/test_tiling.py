@@ -78,7 +78,9 @@ def test_stepwise_fusion_equals_whole_canvas(h: int, w: int, stride: int, method
     tiled = TiledDenoiser(model, cond, TileConfig(stride=stride, batch_size=7))
     a = sample(tiled, x_T, SCH, method, 8)
     b = sample(lambda x, t: model(x, cond, t), x_T, SCH, method, 8)
-    assert (a - b).abs().max() < 1e-4
+    # The windows sum to one within ~2e-6 (fp32); at t = 999 the x0 prediction multiplies eps by sigma / alpha = 84,
+    # and dpm's default third-order extrapolation carries that on: up to ~2e-4 at the end, against values of ~1.
+    assert (a - b).abs().max() < 5e-4
     assert model.largest <= 7 or h * w == 1 and model.largest <= 7
 
 
