@@ -385,7 +385,9 @@ def _sampler_help() -> str:
               "deterministic ODE step). Default: " + ", ".join(f"{k} {s.default_eta:g}" for k, s in SPECS.items()
                                                               if s.default_eta is not None) + ".")
 @click.option("--order", type=click.IntRange(1, 3), help="Solver order. Default: " + ", ".join(
-              f"{k} {s.default_order}" for k, s in SPECS.items() if s.orders) + ".")
+              f"{k} {s.default_order}" + (f" ({s.default_order - 1} below {s.top_order_min_steps} steps)"
+                                          if s.top_order_min_steps > 1 else "")
+              for k, s in SPECS.items() if s.orders) + ".")
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Noise seed, 0..2^64-1 (same seed, same output).")
 @click.option("--patch-size", type=click.IntRange(8, 1024), help="Patch size in pixels, a multiple of 8, from half "

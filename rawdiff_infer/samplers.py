@@ -313,6 +313,7 @@ class SamplerSpec:
         noise: "generator" (fresh noise from the caller's generator: a seed gives the output), "keyed" (noise that
             is a hash of x_T: the output is a function of x_T alone, no generator) or "none" (never draws).
         default_eta: the stochasticity used when none is given (None: the method takes no eta).
+        top_order_min_steps: fewest steps at which ``default_order`` is the default; below, one order lower.
     """
 
     name: str
@@ -323,12 +324,26 @@ class SamplerSpec:
     default_order: int | None = None
     default_eta: float | None = None
     summary: str = ""
+    top_order_min_steps: int = 1
 
     @property
     def stochastic(self) -> bool:
         """True when the output depends on a generator besides x_T."""
         return self.noise == "generator"
 
+    def order_for(self, steps: int) -> int | None:
+        """The default order at ``steps`` model evaluations: ``default_order``, one lower below
+        ``top_order_min_steps``."""
+        if self.default_order is not None and steps < self.top_order_min_steps:
+            return self.default_order - 1
+        return self.default_order
+
+
+#: Fewest steps at which dpm and dpm-sde default to the third order. With few, long steps the third-order
+#: multistep correction extrapolates from the first, poorest x0 predictions (at t = 999 the shipped model's are off
+#: by 0.4x to 4.6x in brightness): on held-out crops 3M SDE gave 14.0 dB at 5 steps against 18.8 dB for 2M; from
+#: 7 steps on 3M wins (22.4 against 21.6 dB at 7, 25.2 against 23.7 at 10; benchmarks/RESULTS.md, session 3).
+THIRD_ORDER_MIN_STEPS = 7
 
 SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
     SamplerSpec("ddpm", 1000, "linspace", "generator", summary="ancestral DDPM (Ho et al. 2020), the paper's sampler"),
@@ -336,9 +351,10 @@ SPECS: dict[str, SamplerSpec] = {s.name: s for s in (
                 summary="DDIM (Song et al. 2021); --eta > 0 makes it stochastic"),
     SamplerSpec("dpm", 10, "logSNR", "keyed", (1, 2, 3), 3, 1.0,
                 "DPM-Solver++ multistep (Lu et al. 2022b), 3rd order; deterministic: the noise it re-injects (eta "
-                "1) is a hash of the starting noise, so the output is a function of x_T alone (eta 0: the ODE)"),
+                "1) is a hash of the starting noise, so the output is a function of x_T alone (eta 0: the ODE)",
+                THIRD_ORDER_MIN_STEPS),
     SamplerSpec("dpm-sde", 10, "logSNR", "generator", (1, 2, 3), 3, 1.0,
-                "SDE-DPM-Solver++ multistep, 3rd order: re-injects fresh noise like DDPM"),
+                "SDE-DPM-Solver++ multistep, 3rd order: re-injects fresh noise like DDPM", THIRD_ORDER_MIN_STEPS),
     SamplerSpec("dpm-single", 20, "logSNR", "none", (1, 2, 3), 3,
                 summary="singlestep DPM-Solver (Lu et al. 2022a), the paper's fast sampler: deterministic"),
 )}
@@ -407,7 +423,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = D
             its output is a function of x_T alone.
         timesteps: explicit decreasing grid (training units) overriding ``steps``/``spacing``.
         spacing: grid spacing, see Schedule.timesteps (default per method).
-        order: solver order (dpm, dpm-sde: 1-3, default 2; dpm-single: 1-3, default 3).
+        order: solver order, 1-3 (default: ``SPECS[method].order_for(steps)``).
         algorithm: dpm-single only: "dpmsolver++" (data prediction, default) or "dpmsolver" (noise prediction).
         clip_x0: static clamp of the x0 prediction, or None.
         callback: called as callback(evaluations_done, evaluations_total) after every model evaluation.
@@ -418,7 +434,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, schedule: Schedule, method: str = D
     x = x_T.to(torch.promote_types(x_T.dtype, torch.float32))
     noise = keyed_noise(x) if spec.noise == "keyed" else (noise or gaussian_noise(generator))
     eta = spec.default_eta if eta is None else eta
-    k = order or spec.default_order
+    k = order or spec.order_for(len(timesteps) if timesteps is not None else steps or spec.default_steps)
     if method == "dpm-single" and timesteps is None:
         orders = singlestep_orders(steps or spec.default_steps, int(k))  # type: ignore[arg-type]
         ts = _grid(schedule, len(orders), spacing or spec.default_spacing, None)

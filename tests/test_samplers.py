@@ -392,3 +392,25 @@ def test_grids_with_another_start_and_end() -> None:
         SCH.timesteps(8, "linspace", start=800.0)
     with pytest.raises(ValueError):
         SCH.timesteps(8, "logSNR", start=10.0, end=20.0)
+
+
+def test_dpm_default_order_is_lowered_below_the_third_order_minimum() -> None:
+    """dpm and dpm-sde default to the 3rd order from THIRD_ORDER_MIN_STEPS steps on, the 2nd below (few long steps
+    made 3M extrapolate from the poorest predictions: measured, see the constant); an explicit order always wins."""
+    from rawdiff_infer.samplers import SPECS, THIRD_ORDER_MIN_STEPS
+
+    n = THIRD_ORDER_MIN_STEPS
+    assert SPECS["dpm-sde"].order_for(n) == 3 and SPECS["dpm-sde"].order_for(n - 1) == 2
+    assert SPECS["dpm"].order_for(n - 1) == 2 and SPECS["dpm-single"].order_for(2) == 3
+    x_T = _xT((1, 1, 16, 16), dtype=torch.float32)
+
+    def run(steps, **kw):
+        return sample(oracle_eps(MU, S), x_T, SCH, "dpm-sde", steps, generator=torch.Generator().manual_seed(3), **kw)
+
+    torch.testing.assert_close(run(n - 2), run(n - 2, order=2), rtol=0, atol=0)
+    assert (run(n - 2) - run(n - 2, order=3)).abs().max() > 1e-4
+    torch.testing.assert_close(run(n), run(n, order=3), rtol=0, atol=0)
+    assert (run(n) - run(n, order=2)).abs().max() > 1e-4
+    ts = SCH.timesteps(n - 2, "logSNR")
+    torch.testing.assert_close(sample(oracle_eps(MU, S), x_T, SCH, "dpm", timesteps=ts),
+                               sample(oracle_eps(MU, S), x_T, SCH, "dpm", timesteps=ts, order=2), rtol=0, atol=0)
