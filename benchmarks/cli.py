@@ -61,7 +61,7 @@ def _shape(value: str, what: str) -> tuple[int, int]:
               help="Backends to measure (default: torch).")
 @click.option("--model", "model_file", help="ONNX file / TensorRT engine / AOTInductor package for those backends.")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["eager", "cl", "compile", "graph"]),
-              help="torch variants (default: eager, and cl on CUDA).")
+              help="torch variants (default: cl, rawdiff-infer's layout; and eager on CUDA).")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="torch precisions (default: fp32 on CPU, fp16 on CUDA).")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(1, 65536), help="Patch batch sizes (default 64).")

@@ -208,7 +208,7 @@ def run_benchmarks(model: UNet, meta: ModelMeta, plan: BenchPlan, *, device: str
                    echo: Callable[[str], None] = print) -> Report:
     """Run every requested measurement; returns a Report."""
     cuda = device.startswith("cuda")
-    variants = list(plan.variants) or (["eager", "cl"] if cuda else ["eager"])
+    variants = list(plan.variants) or (["eager", "cl"] if cuda else ["cl"])  # cl: rawdiff-infer's layout
     dtypes = list(plan.dtypes) or (["fp16"] if cuda else ["fp32"])
     report = Report(env={**environment(), "device": device, "model_params_m": round(
         sum(p.numel() for p in model.parameters()) / 1e6, 2)})

@@ -185,7 +185,8 @@ def _load(opts: InferOptions, device: str):
 
 
 def _batch_size(opts: InferOptions, device: str) -> int:
-    return opts.batch_size or (64 if device.startswith("cpu") else 256)
+    # CPU: 16, the most patches per second on a 2-core CPU (channels_last fp32: 24 patches/s at 16, 19 at 64)
+    return opts.batch_size or (16 if device.startswith("cpu") else 256)
 
 
 def _reconstructor(opts: InferOptions, be: Any, device: str):
@@ -401,7 +402,7 @@ def _sampler_help() -> str:
 @click.option("--merge", type=click.Choice(["step", "end"]), default="step", show_default=True,
               help="step: fuse overlapping patches at every step (seamless); end: the paper's independent patches.")
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), help="Patches per model call (default: 256 on "
-              "CUDA, 64 on CPU). Small images are packed together up to this many patches.")
+              "CUDA, 16 on CPU). Small images are packed together up to this many patches.")
 @click.option("--max-pack", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Most images that share the model's calls (1: one image at a time).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
