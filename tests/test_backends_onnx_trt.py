@@ -135,12 +135,16 @@ def test_onnx_backend_errors(tmp_path: Path, onnx_files) -> None:
             OnnxRuntimeBackend(fp32, providers=["cuda"])
 
 
-@pytest.mark.gpu
-def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
+def _need_ort_cuda() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+
+
+@pytest.mark.gpu
+def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
+    _need_ort_cuda()
     model, fp32, _ = onnx_files
     b = OnnxRuntimeBackend(fp32, device="cuda")
     x, c, t = (v.cuda() for v in _batch(4))
@@ -158,10 +162,7 @@ def test_onnx_backend_cuda_io_binding(onnx_files) -> None:
 @pytest.mark.gpu
 def test_onnx_backend_cuda_concurrent_calls(onnx_files) -> None:
     """Several threads share one backend: each call has its own I/O binding and gets its own right answer."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    _need_ort_cuda()
     _, fp32, _ = onnx_files
     b = OnnxRuntimeBackend(fp32, device="cuda")
     batches = [tuple(v.cuda() for v in _batch(3, seed=s)) for s in range(6)]
