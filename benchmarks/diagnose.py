@@ -78,7 +78,8 @@ def diagnose(backend, cases, *, levels: int = 14, per_image: int = 12, seed: int
     return rows
 
 
-def plot(rows: list[dict], path: str | Path) -> None:
+def plot(rows: list[dict], path: str | Path, *, overwrite: bool = False) -> None:
+    """PSNR and follow (left), brightness ratio (right) against the noise level; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +106,10 @@ def plot(rows: list[dict], path: str | Path) -> None:
     a2.legend()
     a2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from rawdiff_infer.fsio import atomic_write
+
+    with atomic_write(path, overwrite=overwrite) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -114,21 +118,24 @@ def plot(rows: list[dict], path: str | Path) -> None:
 @click.option("--ckpt", help="Model (default: the bundled one).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False))
-def main(photos: str, ckpt: str | None, json_path: str | None, plot_path: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace existing --json / --plot files.")
+def main(photos: str, ckpt: str | None, json_path: str | None, plot_path: str | None, force: bool) -> None:
     from rawdiff_infer.backends import default_checkpoint
     from rawdiff_infer.backends.torch import TorchBackend
+    from rawdiff_infer.fsio import write_bytes
 
-    from .evaluate import photo_cases
+    from .evaluate import check_report_paths, photo_cases
 
+    check_report_paths(json_path, plot_path, force=force)
     be = TorchBackend.from_checkpoint(ckpt or default_checkpoint())
     rows = diagnose(be, photo_cases(photos, be.meta.camera))
     for r in rows:
         click.echo(f"t {r['t']:6.1f}  SNR {r['snr_db']:6.1f} dB  PSNR {r['psnr']:5.2f}  brightness {r['ratio_mean']:.3f} "
                    f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]  follow {r['follow']:.2f}")
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
+        write_bytes(json_path, json.dumps(rows, indent=1).encode(), overwrite=force)
     if plot_path:
-        plot(rows, plot_path)
+        plot(rows, plot_path, overwrite=force)
 
 
 if __name__ == "__main__":

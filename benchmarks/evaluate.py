@@ -35,7 +35,8 @@ import numpy as np
 
 from rawdiff_infer.console import OneLineCommand
 
-__all__ = ["EvalCase", "EvalRow", "evaluate", "main", "photo_cases", "raw_cases", "summarise"]
+__all__ = ["EvalCase", "EvalRow", "check_report_paths", "crop_cases", "evaluate", "main", "photo_cases", "raw_cases",
+           "summarise"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ def _crops(a: np.ndarray, crop: int | None, per_side: int = 1) -> list[np.ndarra
     return out
 
 
-def _cases(name: str, srgb: np.ndarray, target: np.ndarray, crop: int | None, per_side: int) -> list[EvalCase]:
+def crop_cases(name: str, srgb: np.ndarray, target: np.ndarray, crop: int | None,
+               per_side: int = 1) -> list[EvalCase]:
+    """The cases of one (sRGB, target) pair: the whole pair (no ``crop``), or its ``per_side`` x ``per_side``
+    crops, named ``name#k``."""
     xs, ys = _crops(srgb, crop, per_side), _crops(target, crop, per_side)
     if len(xs) == 1:
         return [EvalCase(name, xs[0], ys[0])]
@@ -101,7 +105,7 @@ def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, per
     for i, f in enumerate(files):
         pair = src[i]
         srgb = np.round(np.clip(pair.srgb, 0, 1) * 255).astype(np.uint8)
-        cases += _cases(f.stem, srgb, enc.encode(pair.raw.astype(np.float32)), crop, per_side)
+        cases += crop_cases(f.stem, srgb, enc.encode(pair.raw.astype(np.float32)), crop, per_side)
     return cases
 
 
@@ -118,7 +122,7 @@ def raw_cases(folder: str | Path, *, crop: int | None = None, per_side: int = 1)
     for i in range(len(src)):
         pair = src[i]
         srgb = np.round(np.clip(pair.srgb, 0, 1) * 255).astype(np.uint8)
-        cases += _cases(pair.name, srgb, enc.encode(pair.raw), crop, per_side)
+        cases += crop_cases(pair.name, srgb, enc.encode(pair.raw), crop, per_side)
     return cases
 
 
@@ -154,15 +158,16 @@ def evaluate(backend: Any, cases: Sequence[EvalCase], specs: Sequence[str], seed
         cfg = SamplerConfig.from_spec(spec)
         rec = RawReconstructor(backend, sampler=cfg, tiles=tiles)
         for seed in seeds:
+            case_seeds = [1000 * seed + i for i in range(len(cases))]
             t0 = time.perf_counter()
             if pack:
-                outs = rec.reconstruct_many([c.srgb for c in cases], seeds=[1000 * seed + i for i in range(len(cases))])
+                outs = rec.reconstruct_many([c.srgb for c in cases], seeds=case_seeds)
                 per = [(time.perf_counter() - t0) / len(cases)] * len(cases)
             else:
                 outs, per = [], []
-                for i, c in enumerate(cases):
+                for c, case_seed in zip(cases, case_seeds):
                     t1 = time.perf_counter()
-                    outs.append(rec.reconstruct(c.srgb, seed=1000 * seed + i))
+                    outs.append(rec.reconstruct(c.srgb, seed=case_seed))
                     per.append(time.perf_counter() - t1)
             for c, o, s in zip(cases, outs, per):
                 rows.append(EvalRow(spec, cfg.method, cfg.num_steps, c.name, seed, psnr(o.encoded, c.target),
@@ -232,6 +237,19 @@ def plot(summary: Sequence[dict[str, Any]], path: str | Path, title: str = "", *
     plt.close(fig)
 
 
+def check_report_paths(*paths: str | None, force: bool) -> None:
+    """Report and plot targets (``--json``, ``--plot``; None: not asked for), checked before any compute: see
+    ``plan.check_output_file``; click.UsageError (one line) otherwise."""
+    from rawdiff_infer.plan import UsageError, check_output_file
+
+    try:
+        for p in paths:
+            if p:
+                check_output_file(p, force=force)
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
+
+
 @click.command("rawdiff-eval", cls=OneLineCommand, help=__doc__,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--photos", type=click.Path(exists=True, file_okay=False), help="Folder of sRGB photos (synthetic "
@@ -269,14 +287,7 @@ def cli(photos, raw_dir, ckpt, specs, seeds, crop, per_side, stride, grid, batch
             SamplerConfig.from_spec(spec)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    from rawdiff_infer.plan import UsageError, check_output_file
-
-    try:
-        for p in (json_path, plot_path):
-            if p:
-                check_output_file(p, force=force)
-    except UsageError as e:
-        raise click.UsageError(str(e)) from None
+    check_report_paths(json_path, plot_path, force=force)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dt = dtype if dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")

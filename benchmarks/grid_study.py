@@ -80,19 +80,22 @@ def _lines_of_last_evaluation(cfg: dict[str, Any], h: int, w: int, steps: int, p
 @click.option("--sampler", "spec", default="", help="METHOD[:STEPS] (default: the default sampler).")
 @click.option("--stride", type=click.IntRange(1, 64), default=48, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
-def main(photos: str, crop: int, seeds: tuple[int, ...], spec: str, stride: int, json_path: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+def main(photos: str, crop: int, seeds: tuple[int, ...], spec: str, stride: int, json_path: str | None,
+         force: bool) -> None:
     from rawdiff_infer.backends import default_checkpoint
     from rawdiff_infer.backends.torch import TorchBackend
     from rawdiff_infer.metrics import psnr
     from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
     from rawdiff_infer.tiling import TileConfig
 
-    from .evaluate import photo_cases
+    from .evaluate import check_report_paths, crop_cases, photo_cases
 
+    check_report_paths(json_path, force=force)
     be = TorchBackend.from_checkpoint(default_checkpoint())
     sampler = SamplerConfig.from_spec(spec) if spec else SamplerConfig()
-    full = photo_cases(photos, be.meta.camera)
-    cases = photo_cases(photos, be.meta.camera, crop=crop)
+    full = photo_cases(photos, be.meta.camera)  # rendered once: the crops are cut from these
+    cases = [c for f in full for c in crop_cases(f.name, f.srgb, f.target, crop)]
     rows = []
     for name, cfg in _configs(stride).items():
         tiles = TileConfig(batch_size=64, **cfg)
@@ -122,7 +125,7 @@ def main(photos: str, crop: int, seeds: tuple[int, ...], spec: str, stride: int,
         from rawdiff_infer.fsio import write_bytes
 
         write_bytes(json_path, json.dumps({"sampler": sampler.label(), "crop": crop, "summary": summary,
-                                           "rows": rows}, indent=1).encode(), overwrite=True)
+                                           "rows": rows}, indent=1).encode(), overwrite=force)
 
 
 if __name__ == "__main__":
