@@ -34,6 +34,7 @@ from torch import nn
 
 from . import __version__
 from .camera import DEFAULT_CAMERA, Camera
+from .isp import IspModel
 from .fsio import NotRegularFileError, atomic_path, check_regular, open_regular, sha256_file, write_bytes
 from .messages import first_line, show_path
 from .model import UNet, UNetConfig
@@ -67,12 +68,17 @@ class ModelMeta:
     encoding: RawEncoding = field(default_factory=RawEncoding)
     camera: Camera = DEFAULT_CAMERA
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: how the camera renders RAW to sRGB (``isp.IspModel``); None: unknown (no consistency at inference)
+    isp: IspModel | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "rawdiff_version": __version__, "architecture": ARCHITECTURE,
-                "model": self.model.to_dict(), "schedule": self.schedule.to_dict(),
-                "encoding": self.encoding.to_dict(), "camera": self.camera.to_dict(),
-                "provenance": self.provenance}
+        d = {"format": FORMAT, "rawdiff_version": __version__, "architecture": ARCHITECTURE,
+             "model": self.model.to_dict(), "schedule": self.schedule.to_dict(),
+             "encoding": self.encoding.to_dict(), "camera": self.camera.to_dict(),
+             "provenance": self.provenance}
+        if self.isp is not None:
+            d["isp"] = self.isp.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelMeta":
@@ -85,7 +91,8 @@ class ModelMeta:
                 raise SchemaError(f"{key}: missing")
         return cls(model=UNetConfig.from_dict(d["model"]), schedule=ScheduleConfig.from_dict(d["schedule"]),
                    encoding=RawEncoding.from_dict(d["encoding"]), camera=Camera.from_dict(d["camera"]),
-                   provenance=obj(d.get("provenance", {}), "provenance"))
+                   provenance=obj(d.get("provenance", {}), "provenance"),
+                   isp=IspModel.from_dict(d["isp"]) if d.get("isp") is not None else None)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

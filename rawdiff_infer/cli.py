@@ -68,6 +68,9 @@ class InferOptions:
     no_compile_cache: bool = False
     cuda_graph: bool = False
     max_pixels: int | None = None
+    consistency: str = "auto"
+    band: float | None = None
+    skip_determined: bool = True
     force: bool = False
     resume: bool = False
     quiet: bool = False
@@ -91,6 +94,9 @@ class InferOptions:
         check_options(self.sampler, steps=self.steps, eta=self.eta, order=self.order)
         if self.grid == "shifted" and self.merge == "end":
             raise ValueError("--grid shifted fuses at every step; it does not go with --merge end")
+        from .consistency import ConsistencyConfig
+
+        ConsistencyConfig(mode=self.consistency, band=self.band, skip=self.skip_determined)
 
     @classmethod
     def from_click(cls, params: dict[str, Any]) -> "InferOptions":
@@ -190,8 +196,8 @@ def _batch_size(opts: InferOptions, device: str) -> int:
 
 
 def _reconstructor(opts: InferOptions, be: Any, device: str):
-    """Tiles and sampler checked against the loaded model (UsageError before any compute)."""
-    from .pipeline import RawReconstructor, SamplerConfig
+    """Tiles, sampler and consistency checked against the loaded model (UsageError before any compute)."""
+    from .pipeline import ConsistencyConfig, RawReconstructor, SamplerConfig
     from .tiling import TileConfig
 
     P = opts.patch_size or be.patch_size
@@ -213,7 +219,11 @@ def _reconstructor(opts: InferOptions, be: Any, device: str):
         step_graph = opts.cuda_graph and opts.merge == "step"
         if step_graph and not be.capturable:
             raise ValueError(f"--cuda-graph with --merge step needs the torch backend (got {opts.backend})")
-        return RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph)
+        if opts.consistency == "on" and be.meta.isp is None:
+            raise ValueError(f"--consistency on: {show_path(opts.model_file or opts.ckpt or 'the model')} does not "
+                             "describe its camera's ISP (no 'isp' in its description); use --consistency off")
+        consistency = ConsistencyConfig(mode=opts.consistency, band=opts.band, skip=opts.skip_determined)
+        return RawReconstructor(be, sampler=sampler, tiles=tiles, step_graph=step_graph, consistency=consistency)
     except ValueError as e:
         raise UsageError(first_line(e)) from None
 
@@ -265,10 +275,15 @@ def _writer(opts: InferOptions, camera: Any, software: str):
 
 
 def _decoder(opts: InferOptions):
+    """job -> (pixels, band): the band from the decoded file (its bit depth, a JPEG's quality) unless --band."""
+    from .consistency import Band
     from .io import read_image
 
     def decode(job: Job):
-        return read_image(job.source, max_pixels=opts.max_pixels).pixels
+        img = read_image(job.source, max_pixels=opts.max_pixels)
+        band = Band.for_input(255 if img.bit_depth == 8 else 65535, width_8bit=opts.band,
+                              jpeg_quality=getattr(img, "jpeg_quality", None))
+        return img.pixels, band
 
     return decode
 
@@ -290,6 +305,9 @@ def run(opts: InferOptions, console: Console, state: dict[str, Any]) -> int:
     device = _resolve_device(opts.device)
     with _load(opts, device) as be:
         rec = _reconstructor(opts, be, device)
+        if not rec.consistent and opts.consistency == "auto":
+            console.warn("this model does not describe its camera's ISP: its output is not made consistent with "
+                         "the input (see --consistency)")
         return _process(opts, console, state, rec, be, todo, failed, skipped, n_inputs)
 
 
@@ -314,7 +332,10 @@ def _process(opts: InferOptions, console: Console, state: dict[str, Any], rec: A
         h, w = o.result.encoded.shape[:2]
         outs = ", ".join(show_path(p) for p in o.job.outputs.values())
         shared = o.result.extra.get("pack_size", 1)
-        console.out(f"{show_path(o.job.source)} -> {outs}  {w}x{h}, {o.result.patches} patches, {o.result.steps} "
+        evaluated = o.result.extra.get("evaluated_patches", o.result.patches)
+        skipped_note = (f" ({o.result.patches - evaluated} determined: closed form)"
+                        if shared == 1 and evaluated < o.result.patches else "")
+        console.out(f"{show_path(o.job.source)} -> {outs}  {w}x{h}, {o.result.patches} patches{skipped_note}, {o.result.steps} "
                     f"steps ({opts.sampler}), {o.result.seconds:.1f} s"
                     + (f" (shared by {shared} images)" if shared > 1 else ""))
 
@@ -416,6 +437,16 @@ def _sampler_help() -> str:
 @click.option("--cuda-graph", is_flag=True,
               help="Replay CUDA graphs (torch backend). --merge step: each sampler step's whole model evaluation "
               "is recorded once per image size; --merge end: the U-Net per batch. Costs GPU memory.")
+@click.option("--consistency", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Project every prediction onto the RAWs that the model's camera ISP renders to the input: exact "
+              "where the photo is not clipped, at or above white where it is. auto: when the model describes its "
+              "ISP (the bundled one does); on: fail if it does not; off: the model's own output.")
+@click.option("--band", type=click.FloatRange(0.0, 64.0), metavar="LEVELS",
+              help="Half-width of the consistency band in 8-bit levels. Default: 0.5 for lossless input, wider for "
+              "JPEG, from its quantisation tables.")
+@click.option("--skip-determined/--no-skip-determined", default=True, show_default=True,
+              help="With consistency: patches in which every pixel is determined (no clipped channel, lossless "
+              "input) skip the model; their answer is the closed-form inverse.")
 @click.option("--max-pixels", type=click.IntRange(1), help="Raise/lower the decompression-bomb limit (pixels).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs all exist (they are complete: writes are "

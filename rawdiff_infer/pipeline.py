@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
+from .consistency import Band, ConsistencyConfig, ConsistencySet, ConsistentEps, pack_projector
 from .rawspace import RawEncoding, model_to_unit, srgb_to_model
 from .samplers import DEFAULT_METHOD, SPECS, NoiseSampler, check_options, sample
 from .schedule import Schedule
 from .tiling import (CanvasPack, GraphedDenoiser, NonFiniteOutputError, PatchGrid, TileConfig, TiledDenoiser,
                      sample_independent)
 
-__all__ = ["SamplerConfig", "RawReconstructor", "Reconstruction"]
+__all__ = ["ConsistencyConfig", "SamplerConfig", "RawReconstructor", "Reconstruction", "band_of"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,14 @@ def packed_noise(pack: CanvasPack, generators: Sequence[torch.Generator]) -> Noi
     return draw
 
 
+def band_of(image: np.ndarray | torch.Tensor, width_8bit: float | None = None) -> Band:
+    """The band of an image from its sample type alone (uint8: 255 levels; uint16 and its int32 host form, and
+    floats: 65535), lossless unless ``width_8bit`` says otherwise. A JPEG's band comes from its quantisation
+    tables instead (``Band.for_input`` with the quality the decoder estimated)."""
+    eight = image.dtype in (np.uint8, torch.uint8)
+    return Band.for_input(255 if eight else 65535, width_8bit=width_8bit)
+
+
 class RawReconstructor:
     """Maps sRGB photos to camera RAW with a diffusion backend.
 
@@ -162,10 +171,18 @@ class RawReconstructor:
             capturable backend on CUDA. The graph is kept for the last image size, so a run of same-sized photos
             records it once. Off by default: on an H200 at 2048x2048 (batches of 1024 patches) it measured no
             faster than per-batch launches, and its memory pool holds the U-Net's intermediates (+3.5 GiB there).
+        consistency: ConsistencyConfig. When the model describes its ISP (``meta.isp``) and the mode is not "off",
+            every x0 prediction is projected onto the RAWs that the ISP renders to the input (``consistency.py``),
+            and so is the output. ``consistent`` says whether this reconstructor does it.
+
+    Raises:
+        ValueError: an impossible combination (step_graph without its requirements, consistency "on" for a model
+            without an ISP).
     """
 
     def __init__(self, backend: Backend, *, sampler: SamplerConfig | None = None,
-                 tiles: TileConfig | None = None, step_graph: bool = False) -> None:
+                 tiles: TileConfig | None = None, step_graph: bool = False,
+                 consistency: ConsistencyConfig | None = None) -> None:
         self.backend = backend
         self.sampler = sampler or SamplerConfig()
         self.tiles = tiles or TileConfig(patch_size=backend.patch_size)
@@ -177,12 +194,21 @@ class RawReconstructor:
                              "(the torch backend)")
         self.step_graph = step_graph
         self._graphed: GraphedDenoiser | None = None
+        self.consistency = consistency or ConsistencyConfig()
+        if self.consistency.mode == "on" and self.meta.isp is None:
+            raise ValueError("consistency 'on' needs a model that describes its ISP (its description has no 'isp')")
+        #: whether x0 predictions and outputs are projected onto the input's consistent set
+        self.consistent = self.meta.isp is not None and self.consistency.mode != "off"
+        self._graph_set: ConsistencySet | None = None
+        #: details of the last denoise_many call (see there)
+        self.last_stats: dict = {}
 
     def close(self) -> None:
         """Drop the recorded step graph (the backend stays open; it belongs to the caller)."""
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
+        self._graph_set = None
 
     def patches_for(self, height: int, width: int) -> int:
         """Patches per model evaluation for an image of this size (pixels)."""
@@ -191,50 +217,64 @@ class RawReconstructor:
             return -(-height // P) * -(-width // P)
         return PatchGrid(height, width, self.tiles, "cpu").num_patches
 
-    def reconstruct(self, srgb: np.ndarray, *, seed: int = 0, progress: Progress | None = None) -> Reconstruction:
+    def reconstruct(self, srgb: np.ndarray, *, seed: int = 0, progress: Progress | None = None,
+                    band: Band | None = None) -> Reconstruction:
         """sRGB H x W x 3 (uint8, uint16 or float in [0, 1]) -> Reconstruction. Same seed, same output (per device
-        and backend)."""
-        return self.reconstruct_many([srgb], seeds=[seed], progress=progress)[0]
+        and backend). ``band``: the input's quantisation band (None: ``band_of`` the image)."""
+        return self.reconstruct_many([srgb], seeds=[seed], progress=progress, bands=[band])[0]
 
     def reconstruct_many(self, images: Sequence[np.ndarray], *, seeds: Sequence[int],
-                         progress: Progress | None = None) -> list[Reconstruction]:
+                         progress: Progress | None = None,
+                         bands: Sequence[Band | None] | None = None) -> list[Reconstruction]:
         """Several images at once, their patches sharing backend calls (see the module docstring).
 
         Args:
             images: sRGB H_i x W_i x 3 arrays (uint8, uint16 or float in [0, 1]).
             seeds: one seed per image, 0 <= seed < 2**64.
             progress: called as progress(evaluations_done, evaluations_total).
+            bands: per image its quantisation band, or None for ``band_of`` the image (used when consistent).
         """
         start = time.perf_counter()
-        outs = self.denoise_many(images, seeds=seeds, progress=progress)
+        outs = self.denoise_many(images, seeds=seeds, progress=progress, bands=bands)
         encoded = [o.cpu().numpy() for o in outs]
         seconds = time.perf_counter() - start
         return [self.result(e, seconds=seconds, pack_size=len(images)) for e in encoded]
 
-    def result(self, encoded: np.ndarray, *, seconds: float, pack_size: int = 1) -> Reconstruction:
-        """Wrap an encoded H x W x 3 RAW from ``denoise_many`` (copied to the host) as a Reconstruction."""
+    def result(self, encoded: np.ndarray, *, seconds: float, pack_size: int = 1,
+               stats: dict | None = None) -> Reconstruction:
+        """Wrap an encoded H x W x 3 RAW from ``denoise_many`` (copied to the host) as a Reconstruction; ``stats``:
+        that call's ``last_stats`` (default: the latest call's)."""
+        extra = {"step_graph": self.step_graph and pack_size == 1, "pack_size": pack_size,
+                 "consistent": self.consistent, **(self.last_stats if stats is None else stats)}
         return Reconstruction(encoded=encoded, patches=self.patches_for(*encoded.shape[:2]),
                               steps=self.sampler.num_steps, seconds=seconds, gamma=self.meta.encoding.gamma,
-                              extra={"step_graph": self.step_graph and pack_size == 1, "pack_size": pack_size})
+                              extra=extra)
 
     def denoise_many(self, images: Sequence[np.ndarray | torch.Tensor], *, seeds: Sequence[int],
-                     progress: Progress | None = None) -> list[torch.Tensor]:
+                     progress: Progress | None = None,
+                     bands: Sequence[Band | None] | None = None) -> list[torch.Tensor]:
         """The device half of ``reconstruct_many``: the encoded RAW of each image as an H x W x 3 float32 tensor
         in [0, 1] on the backend's device (the caller copies it to the host, e.g. asynchronously).
 
-        ``images`` may also be tensors prepared by ``rawspace.host_srgb`` (pinned, or already on the device)."""
+        ``images`` may also be tensors prepared by ``rawspace.host_srgb`` (pinned, or already on the device).
+        ``bands`` as for ``reconstruct_many``. After the call ``last_stats`` holds ``evaluated_patches`` (per model
+        evaluation, all images) and ``inconsistent_pixels`` (pixels no RAW of the ISP renders to; 0 when off)."""
         if len(images) != len(seeds) or not images:
             raise ValueError("give one seed per image (and at least one image)")
+        if bands is not None and len(bands) != len(images):
+            raise ValueError("give one band per image (or none)")
         for img in images:
             if img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
                 raise ValueError(f"expected an H x W x 3 image, got shape {tuple(img.shape)}")
         dev = self.backend.device
         gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+        bands = [b if b is not None else band_of(img, self.consistency.band)
+                 for img, b in zip(images, bands or [None] * len(images))]
         with torch.inference_mode():
             if self.tiles.merge == "end":
-                outs = [self._independent(img, g, progress) for img, g in zip(images, gens)]
+                outs = [self._independent(img, g, progress, band) for img, g, band in zip(images, gens, bands)]
             else:
-                outs = self._fused(images, gens, progress)
+                outs = self._fused(images, gens, progress, bands)
             # H x W x 3 laid out on the device, so the copy to the host is the only host-side work
             encoded = [model_to_unit(x0).permute(1, 2, 0).float().contiguous() for x0 in outs]
             if not all(bool(torch.isfinite(e).all()) for e in encoded):
@@ -242,40 +282,97 @@ class RawReconstructor:
                                            "values)")
         return encoded
 
-    def _independent(self, img: np.ndarray | torch.Tensor, gen: torch.Generator, progress: Progress | None
-                     ) -> torch.Tensor:
+    # ---- consistency -----------------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        return self.meta.encoding.gamma
+
+    def _sets(self, conds: Sequence[torch.Tensor], bands: Sequence[Band]) -> list[ConsistencySet]:
+        """Each image's consistent set (empty when not consistent); conds are [3, H, W] in [-1, 1]."""
+        if not self.consistent:
+            return []
+        assert self.meta.isp is not None
+        sets = [ConsistencySet(self.meta.isp, (c.float() + 1.0) * 0.5, b) for c, b in zip(conds, bands)]
+        bad = sum(cs.inconsistent for cs in sets)
+        self.last_stats["inconsistent_pixels"] = bad
+        if bad:
+            log.info("%d pixels have no RAW that the model's ISP renders to them: kept at the nearest point", bad)
+        return sets
+
+    def _project_output(self, sets: Sequence[ConsistencySet], x0s: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The final projection (exact: the sampler's last x0 is recovered from eps up to fp32 rounding)."""
+        if not sets:
+            return x0s
+        return [cs.project_model(x.reshape(x.shape[-3:]), self.gamma) for cs, x in zip(sets, x0s)]
+
+    # ---- the two ways to run the sampler ----------------------------------------------------------------------
+    def _independent(self, img: np.ndarray | torch.Tensor, gen: torch.Generator, progress: Progress | None,
+                     band: Band) -> torch.Tensor:
+        """The paper's protocol; with consistency, its merged output is projected (patches run unprojected)."""
         cond = srgb_to_model(img, self.backend.device)
+        self.last_stats = {"evaluated_patches": self.patches_for(*img.shape[:2]), "inconsistent_pixels": 0}
+        sets = self._sets([cond[0]], [band])
         chunks = -(-self.patches_for(*img.shape[:2]) // self.tiles.batch_size)  # each chunk runs the whole sampler
         x0 = sample_independent(self.backend, cond, self.schedule, self.tiles, generator=gen,
                                 callback=_chunked_progress(progress, chunks), **self.sampler.kwargs())
-        return x0[0]
+        return self._project_output(sets, [x0[0]])[0]
 
     def _fused(self, images: Sequence[np.ndarray | torch.Tensor], gens: Sequence[torch.Generator],
-               progress: Progress | None) -> list[torch.Tensor]:
+               progress: Progress | None, bands: Sequence[Band]) -> list[torch.Tensor]:
         dev = self.backend.device
         conds = [srgb_to_model(img, dev)[0] for img in images]
+        self.last_stats = {"inconsistent_pixels": 0}
+        sets = self._sets(conds, bands)
         x_T = [torch.randn((1, *c.shape), generator=g, device=dev) for c, g in zip(conds, gens)]
         if self.step_graph and len(images) == 1:
-            eps_fn: TiledDenoiser | GraphedDenoiser = self._graphed_for(conds[0][None])
+            self.last_stats["evaluated_patches"] = self.patches_for(*images[0].shape[:2])
+            eps_fn: GraphedDenoiser = self._graphed_for(conds[0][None], sets[0] if sets else None)
             x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self.sampler.kwargs())
             eps_fn.check_finite()
-            return [x0[0]]
-        denoiser = TiledDenoiser(self.backend, conds, self.tiles)
-        denoiser.total_calls = self.sampler.num_steps
+            return self._project_output(sets, [x0[0]])
+        skip = self.consistency.skip and sets and self.tiles.grid == "overlap" and all(cs.band.lossless
+                                                                                         for cs in sets)
+        needed = [cs.needs_model() for cs in sets] if skip else None
+        denoiser = TiledDenoiser(self.backend, conds, self.tiles, steps=self.sampler.num_steps, needed=needed)
+        self.last_stats["evaluated_patches"] = denoiser.num_patches
         del conds
         pack = denoiser.pack
-        x0 = sample(denoiser, pack.pack(x_T), self.schedule, noise=packed_noise(pack, gens), callback=progress,
+        eps_fn_any: TiledDenoiser | ConsistentEps = denoiser
+        if sets:
+            eps_fn_any = self._consistent_eps(denoiser, sets, pack)
+        x0 = sample(eps_fn_any, pack.pack(x_T), self.schedule, noise=packed_noise(pack, gens), callback=progress,
                     **self.sampler.kwargs())
         denoiser.check_finite()
-        return pack.unpack(x0)
+        return self._project_output(sets, pack.unpack(x0))
 
-    def _graphed_for(self, cond: torch.Tensor) -> GraphedDenoiser:
-        """The recorded graph for this image size (recorded again when the size changes)."""
-        if self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape):
+    def _consistent_eps(self, denoiser: TiledDenoiser, sets: Sequence[ConsistencySet], pack: CanvasPack
+                        ) -> ConsistentEps:
+        """The denoiser wrapped so that every x0 prediction is projected (skipped pixels take the closed form)."""
+        project = pack_projector(sets, self.gamma, pack.unpack, pack.pack)
+        fill = None
+        if denoiser.skipping:
+            cover = [w.expand(3, -1, -1) for w in denoiser.coverage()]
+            fill = (pack.pack(cover), pack.pack([cs.q_model(self.gamma) for cs in sets]))
+        return ConsistentEps(denoiser, self.schedule, project, device=self.backend.device, fill=fill)
+
+    def _graphed_for(self, cond: torch.Tensor, cs: ConsistencySet | None) -> GraphedDenoiser:
+        """The recorded graph for this image size (recorded again when the size changes or consistency starts);
+        the projection, when consistent, is recorded in the same graph and reads the set's tensors in place."""
+        same = self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape)
+        if same and (cs is None) == (self._graph_set is None):
+            assert self._graphed is not None
             self._graphed.set_condition(cond)
+            if cs is not None and self._graph_set is not None:
+                self._graph_set.load_(cs)
             return self._graphed
         self.close()
-        self._graphed = GraphedDenoiser(TiledDenoiser(self.backend, cond, self.tiles))
+        denoiser = TiledDenoiser(self.backend, cond, self.tiles, steps=self.sampler.num_steps)
+        wrapped = None
+        if cs is not None:
+            self._graph_set = cs
+            project = pack_projector([cs], self.gamma, lambda x: list(x.unbind(0)), torch.stack)
+            wrapped = ConsistentEps(denoiser, self.schedule, project, device=self.backend.device)
+        self._graphed = GraphedDenoiser(denoiser, eps_fn=wrapped)
         return self._graphed
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .consistency import Band
 from .pipeline import RawReconstructor, Reconstruction
 from .plan import Job
 from .transfer import DeviceTransfer, PendingHost
@@ -63,6 +64,7 @@ class _Decoded:
     pixels: np.ndarray | None
     staged: Any
     error: str | None
+    band: Band | None = None
 
 
 class FolderRunner:
@@ -70,7 +72,8 @@ class FolderRunner:
 
     Args:
         rec: the reconstructor (backend, sampler, tiles).
-        decode: job -> H x W x 3 sRGB array; raises ``fail_on`` exceptions for a bad input (message = one line).
+        decode: job -> H x W x 3 sRGB array, or (array, its consistency Band); raises ``fail_on`` exceptions for a
+            bad input (message = one line).
         write: (job, reconstruction, srgb) -> None; raises ``fail_on`` exceptions for an output that failed.
         seed: the seed of every image (0 <= seed < 2**64).
         fail_on: exception types that fail one image (anything else is a bug and stops the run).
@@ -81,7 +84,7 @@ class FolderRunner:
         progress: factory (job names, evaluations total) -> callback(done, total) | None, and a close function.
     """
 
-    def __init__(self, rec: RawReconstructor, *, decode: Callable[[Job], np.ndarray],
+    def __init__(self, rec: RawReconstructor, *, decode: Callable[[Job], np.ndarray | tuple[np.ndarray, Band]],
                  write: Callable[[Job, Reconstruction, np.ndarray], None], seed: int,
                  fail_on: tuple[type[BaseException], ...], max_pack: int = 8, prefetch: int = 4,
                  check: Callable[[Job, np.ndarray], str | None] | None = None,
@@ -118,10 +121,10 @@ class FolderRunner:
                 if self._stop.is_set():
                     break
                 try:
-                    px = self.decode(job)
+                    px, band = _with_band(self.decode(job))
                     reason = self.check(job, px) if self.check is not None else None
                     item = _Decoded(job, None, None, reason) if reason else \
-                        _Decoded(job, px, self.transfer.stage(px), None)
+                        _Decoded(job, px, self.transfer.stage(px), None, band)
                 except self.fail_on as e:
                     item = _Decoded(job, None, None, " ".join(str(e).split()))
                 self._put(out, item)
@@ -149,12 +152,12 @@ class FolderRunner:
                 continue
             if item is _DONE:
                 return
-            items, pending, seconds = item
+            items, pending, seconds, stats = item
             for (job, px), host in zip(items, pending):
                 if self._stop.is_set():
                     return
                 try:
-                    rec = self.rec.result(host.result(), seconds=seconds, pack_size=len(items))
+                    rec = self.rec.result(host.result(), seconds=seconds, pack_size=len(items), stats=stats)
                     self.write(job, rec, px)
                     self._report(Outcome(job, True, result=rec))
                 except self.fail_on as e:
@@ -223,7 +226,8 @@ class FolderRunner:
         t0 = time.perf_counter()
         try:
             images = [self.transfer.upload(d.staged) for d in pack]
-            outs = self.rec.denoise_many(images, seeds=[self.seed] * len(pack), progress=cb)
+            outs = self.rec.denoise_many(images, seeds=[self.seed] * len(pack), progress=cb,
+                                         bands=[d.band for d in pack])
         except self.fail_on as e:
             for d in pack:
                 self._fail(d.job, e)
@@ -236,7 +240,12 @@ class FolderRunner:
         self.stats.packs += 1
         self.stats.images += len(pack)
         self.stats.pack_sizes.append(len(pack))
-        self._put(to_write, ([(d.job, d.pixels) for d in pack], pending, seconds))
+        self._put(to_write, ([(d.job, d.pixels) for d in pack], pending, seconds, dict(self.rec.last_stats)))
+
+
+def _with_band(decoded: np.ndarray | tuple[np.ndarray, Band | None]) -> tuple[np.ndarray, Band | None]:
+    """A decoder's result as (pixels, band or None)."""
+    return decoded if isinstance(decoded, tuple) else (decoded, None)
 
 
 def default_progress(enabled: bool, file: Any) -> Callable[[Sequence[Job], int], tuple[Any, Callable[[], None]]]:

@@ -48,7 +48,9 @@ class Denoiser:
     """An eps model seen as a denoiser: ``model(x, t) -> (x0, eps)`` at a continuous timestep t.
 
     x0 = (x - sigma_t eps) / alpha_t, clamped to [-clip_x0, clip_x0] when ``clip_x0`` is set (then eps is made
-    consistent with the clamped x0). Counts its evaluations and reports them to ``callback(done, total)``.
+    consistent with the clamped x0). Counts its evaluations and reports them to ``callback(done, total)``. An
+    ``eps_fn`` with a true ``takes_step`` attribute is called as ``eps_fn(x, t, step=k)``, k the 0-based evaluation
+    index (the tiler moves its shifted grid by it); plain functions are called as ``eps_fn(x, t)``.
 
     Args:
         eps_fn: the eps model (see the module docstring).
@@ -62,11 +64,12 @@ class Denoiser:
                  callback: Callback | None = None, total: int = 0) -> None:
         self.eps_fn, self.schedule, self.clip_x0 = eps_fn, schedule, clip_x0
         self.callback, self.total, self.calls = callback, total, 0
+        self._step = bool(getattr(eps_fn, "takes_step", False))
 
     def __call__(self, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
         tt = torch.full((x.shape[0],), t, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        eps = self.eps_fn(x, tt).to(x.dtype)
+        eps = (self.eps_fn(x, tt, step=self.calls) if self._step else self.eps_fn(x, tt)).to(x.dtype)
         x0 = torch.sub(x, eps, alpha=sigma).div_(alpha)  # one temporary per result: canvases can be 100s of MB
         if self.clip_x0 is not None:
             x0.clamp_(-self.clip_x0, self.clip_x0)

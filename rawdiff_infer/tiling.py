@@ -53,7 +53,17 @@ _R2 = (1.0 / 1.3247179572447458, 1.0 / 1.3247179572447458 ** 2)
 
 
 class NonFiniteOutputError(RuntimeError):
-    """The model returned NaN or infinite values (a broken model file, or a numerical overflow)."""
+    """The model returned NaN or infinite values (a broken model file, or a numerical overflow).
+
+    Attributes:
+        bad: indices (into the pack) of the canvases that hold them; empty when unknown.
+        outputs: per canvas, its finished result, or None for the bad ones (empty when not computed).
+    """
+
+    def __init__(self, message: str, *, bad: Sequence[int] = (), outputs: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.bad: tuple[int, ...] = tuple(bad)
+        self.outputs: list[Any] = list(outputs)
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,79 @@ class CanvasPack:
         return [flat[int(a):int(b)].view(s) for a, b, s in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
 
 
+class _OverlapLayout:
+    """One canvas on the overlap grid for one evaluation: gathers patches, accumulates their fused eps."""
+
+    def __init__(self, grid: PatchGrid, canvas: torch.Tensor, cond_patches: torch.Tensor) -> None:
+        self.grid, self.cond_patches = grid, cond_patches
+        self.padded = grid.pad(canvas.to(grid.device, torch.float32))
+        self.acc = torch.zeros(self.padded.shape, dtype=torch.float32, device=grid.device)
+
+    def patches(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.grid.gather(self.padded, a, b), self.cond_patches[a:b]
+
+    def put(self, a: int, eps: torch.Tensor) -> None:
+        self.grid.scatter(self.acc, eps, a)
+
+    def result(self) -> torch.Tensor:
+        return self.grid.crop(self.acc)
+
+
+class _ShiftedLayout:
+    """One canvas on the shifted grid at one offset: every patch gathered at once, eps tiled back."""
+
+    def __init__(self, grid: ShiftedGrid, canvas: torch.Tensor, cond: torch.Tensor) -> None:
+        self.grid = grid
+        self.xs = grid.gather_all(canvas.to(grid.device, torch.float32))
+        self.cs = grid.gather_all(cond)
+        self.out = torch.empty(self.xs.shape, dtype=torch.float32, device=grid.device)
+
+    def patches(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.xs[a:b], self.cs[a:b]
+
+    def put(self, a: int, eps: torch.Tensor) -> None:
+        self.out[a:a + eps.shape[0]] = eps
+
+    def result(self) -> torch.Tensor:
+        return self.grid.merge(self.out)
+
+
+Runs = list[tuple[int, int]]
+
+
+def batch_calls(runs: Sequence[Runs], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Backend calls over the canvases' patch runs: lists of (canvas, first patch, stop) segments, each list
+    holding at most ``batch_size`` patches, canvases and runs in order."""
+    calls: list[list[tuple[int, int, int]]] = [[]]
+    room = batch_size
+    for ci, canvas_runs in enumerate(runs):
+        for a, b in canvas_runs:
+            k = a
+            while k < b:
+                take = min(room, b - k)
+                calls[-1].append((ci, k, k + take))
+                k += take
+                room -= take
+                if room == 0:
+                    calls.append([])
+                    room = batch_size
+    return [c for c in calls if c]
+
+
+def active_runs(grid: PatchGrid, needed: torch.Tensor) -> Runs:
+    """Runs (start, stop) of row-major overlap-grid patches that hold at least one needed pixel ([H, W] bool)."""
+    m = grid.pad(needed[None].to(grid.device, torch.float32))
+    hit = grid.gather(m, 0, grid.num_patches).amax(dim=(1, 2, 3)) > 0
+    idx = hit.nonzero()[:, 0].tolist()
+    runs: Runs = []
+    for k in idx:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
+
+
 class TiledDenoiser:
     """eps over whole canvases from a patch backend, fused at every step (see the module docstring).
 
@@ -322,15 +405,23 @@ class TiledDenoiser:
         cond: the sRGB condition in [-1, 1]: a tensor [B, 3, H, W] (B canvases of one size) or a sequence of
             [3, H_i, W_i] tensors (canvases of any sizes).
         config: TileConfig (merge must be "step").
+        steps: the evaluations the sampler will make (needed for ``overlap_last``).
+        needed: per canvas, None or an [H_i, W_i] bool mask of the pixels the model must see: patches of the
+            overlap grid without any are skipped (their eps is 0 and ``coverage`` says by how much each pixel is
+            covered by evaluated patches). Overlap grid only.
 
-    Calling it as ``eps_fn(x, t)`` takes either x [B, 3, H, W] with t [B] (canvases of one size), or the packed
-    form x [1, L] (``self.pack``) with t [1], and returns eps in the same layout (float32). Patches of all canvases
-    share backend calls of up to ``batch_size`` patches. ``nonfinite`` is a device flag set (without a host
-    synchronisation) when the backend returned NaN or inf; ``check_finite`` raises NonFiniteOutputError then.
+    Calling it as ``eps_fn(x, t, step=k)`` (k: the evaluation index, 0-based) takes either x [B, 3, H, W] with t
+    [B] (canvases of one size), or the packed form x [1, L] (``self.pack``) with t [1], and returns eps in the same
+    layout (float32). Patches of all canvases share backend calls of up to ``batch_size`` patches. ``nonfinite``
+    holds one device flag per canvas, set without a host synchronisation when the backend returned NaN or inf for
+    one of its patches; ``check_finite`` raises NonFiniteOutputError naming them. ``calls`` counts evaluations.
     """
 
+    takes_step = True
+
     def __init__(self, patch_fn: PatchFn, cond: torch.Tensor | Sequence[torch.Tensor],
-                 config: TileConfig | None = None) -> None:
+                 config: TileConfig | None = None, *, steps: int | None = None,
+                 needed: Sequence[torch.Tensor | None] | None = None) -> None:
         self.patch_fn = patch_fn
         self.config = config or TileConfig()
         if self.config.merge != "step":
@@ -340,26 +431,56 @@ class TiledDenoiser:
             raise ValueError("no canvas to denoise")
         self.device = torch.device(getattr(patch_fn, "device", conds[0].device))
         self.input_dtype = getattr(patch_fn, "input_dtype", torch.float32)
+        self.steps = steps
         self.pack = CanvasPack([tuple(c.shape) for c in conds])
         self.grids = [PatchGrid(c.shape[1], c.shape[2], self.config, self.device) for c in conds]
         self.cond_patches = [self._unfold(g, c) for g, c in zip(self.grids, conds)]  # overlap grid, once
         self.conds = [c.to(self.device, self.input_dtype) for c in conds] if self.config.grid == "shifted" else []
-        self.calls = 0
-        self.total_calls: int | None = None  # set by the caller when known (for ``overlap_last``)
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.runs: list[Runs] = self._active(needed)
+        self.nonfinite = torch.zeros(len(conds), dtype=torch.bool, device=self.device)
+        self._calls = 0
+
+    def _active(self, needed: Sequence[torch.Tensor | None] | None) -> list[Runs]:
+        if needed is not None and any(m is not None for m in needed) and self.config.grid != "overlap":
+            raise ValueError("patch skipping needs the overlap grid")
+        needed = list(needed) if needed is not None else [None] * len(self.grids)
+        if len(needed) != len(self.grids):
+            raise ValueError(f"{len(needed)} masks for {len(self.grids)} canvases")
+        return [[(0, g.num_patches)] if m is None else active_runs(g, m) for g, m in zip(self.grids, needed)]
 
     def _unfold(self, g: PatchGrid, canvas: torch.Tensor) -> torch.Tensor:
         """The condition is unfolded once per image, in the backend's input dtype: [N, 3, P, P]."""
         return g.gather(g.pad(canvas.to(self.device)), 0, g.num_patches).to(self.input_dtype).contiguous()
 
     @property
+    def calls(self) -> int:
+        """Evaluations so far (the next evaluation's index when the caller does not pass ``step``)."""
+        return self._calls
+
+    @property
+    def skipping(self) -> bool:
+        """Whether some patches are skipped."""
+        return any(r != [(0, g.num_patches)] for r, g in zip(self.runs, self.grids))
+
+    def coverage(self) -> list[torch.Tensor]:
+        """Per canvas [1, H, W]: the summed window weight of the evaluated patches (1 where nothing is skipped)."""
+        out = []
+        for g, runs in zip(self.grids, self.runs):
+            acc = torch.zeros((1, g.padded_height, g.padded_width), dtype=torch.float32, device=self.device)
+            P = self.config.patch_size
+            for a, b in runs:
+                g.scatter(acc, torch.ones((b - a, 1, P, P), device=self.device), a)
+            out.append(g.crop(acc))
+        return out
+
+    @property
     def num_patches(self) -> int:
-        """Patches per model evaluation over all canvases (the overlap grid's, or the shifted grid's at offset 0
-        when the grid is shifted; it varies by one row or column with the offset)."""
+        """Patches per model evaluation over all canvases (evaluated ones only; on the shifted grid, at offset 0:
+        it varies by one row or column with the offset)."""
         if self.config.grid == "shifted":
             P = self.config.patch_size
             return sum(-(-g.height // P) * -(-g.width // P) for g in self.grids)
-        return sum(g.num_patches for g in self.grids)
+        return sum(b - a for runs in self.runs for a, b in runs)
 
     @property
     def canvas_shape(self) -> tuple[int, int, int, int]:
@@ -380,91 +501,66 @@ class TiledDenoiser:
         for buf, c in zip(self.conds, cond):
             buf.copy_(c)
 
+    def bad_canvases(self) -> tuple[int, ...]:
+        """Indices of the canvases whose eps was NaN or inf in any call so far (one host synchronisation)."""
+        return tuple(int(i) for i in self.nonfinite.nonzero()[:, 0].tolist())
+
     def check_finite(self) -> None:
         """Raise NonFiniteOutputError if any backend call so far returned NaN or inf (one host synchronisation)."""
-        if bool(self.nonfinite):
+        bad = self.bad_canvases()
+        if bad:
             raise NonFiniteOutputError("the model returned NaN or infinite values (a broken model file, or a "
-                                       "numerical overflow in this precision)")
+                                       "numerical overflow in this precision)", bad=bad)
 
-    def _shifted_now(self) -> bool:
+    def _shifted_at(self, step: int) -> bool:
         if self.config.grid != "shifted":
             return False
         last = self.config.overlap_last
-        return not (last and self.total_calls is not None and self.calls >= self.total_calls - last)
+        return not (last and self.steps is not None and step >= self.steps - last)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        step = self._calls if step is None else step
+        self._calls = step + 1
         packed = x.dim() == 2
         canvases = self.pack.unpack(x) if packed else list(x.unbind(0))
         if not packed and tuple(x.shape) != self.canvas_shape:
             raise ValueError(f"canvas {tuple(x.shape)} does not match this denoiser's {self.canvas_shape}")
         times = [t.reshape(-1)[0]] * len(canvases) if packed else list(t.reshape(-1))
-        if self._shifted_now():
-            out = self._shifted(canvases, times)
+        if self._shifted_at(step):
+            P = self.config.patch_size
+            offset = grid_offset(step, P, self.config.grid_seed)
+            grids = [ShiftedGrid(g.height, g.width, P, offset, self.device) for g in self.grids]
+            layouts: list[Any] = [_ShiftedLayout(gr, c, cd) for gr, c, cd in zip(grids, canvases, self.conds)]
+            runs = [[(0, gr.num_patches)] for gr in grids]
         else:
-            out = self._overlap(canvases, times)
-        self.calls += 1
+            layouts = [_OverlapLayout(g, c, cp) for g, c, cp in zip(self.grids, canvases, self.cond_patches)]
+            runs = self.runs
+        out = self._evaluate(layouts, runs, times)
         return self.pack.pack(out).to(x.device) if packed else torch.stack(out).to(x.device)
 
-    def _run(self, xp: torch.Tensor, cp: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-        eps = self.patch_fn(xp, cp, tb).float()
+    def _evaluate(self, layouts: list[Any], runs: list[Runs], times: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The one batching loop: calls of ``batch_size`` patches over all canvases (the last one shorter)."""
+        for segs in batch_calls(runs, self.config.batch_size):
+            parts = [layouts[ci].patches(a, b) for ci, a, b in segs]
+            xp, cp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
+            eps = self.patch_fn(xp.contiguous(), cp.contiguous(), tb).float()
+            k = 0
+            for ci, a, b in segs:
+                e = eps[k:k + b - a]
+                self._flag(ci, e)
+                layouts[ci].put(a, e)
+                k += b - a
+        return [lay.result() for lay in layouts]
+
+    def _flag(self, ci: int, eps: torch.Tensor) -> None:
         bad = ~torch.isfinite(eps).all()
         if self.device.type == "cpu":
             if bool(bad):  # free to check at once on the CPU: fail before more compute
-                self.nonfinite.fill_(True)
+                self.nonfinite[ci] = True
                 self.check_finite()
         else:
-            self.nonfinite |= bad
-        return eps
-
-    def _batches(self, counts: Sequence[int]) -> list[list[tuple[int, int, int]]]:
-        """Backend calls over the canvases' patches: lists of (canvas, first patch, stop) segments, each list
-        holding at most ``batch_size`` patches, canvases in order."""
-        bs = self.config.batch_size
-        calls: list[list[tuple[int, int, int]]] = [[]]
-        room = bs
-        for ci, n in enumerate(counts):
-            k = 0
-            while k < n:
-                take = min(room, n - k)
-                calls[-1].append((ci, k, k + take))
-                k += take
-                room -= take
-                if room == 0:
-                    calls.append([])
-                    room = bs
-        return [c for c in calls if c]
-
-    def _overlap(self, canvases: list[torch.Tensor], times: list[torch.Tensor]) -> list[torch.Tensor]:
-        padded = [g.pad(c.to(self.device, torch.float32)) for g, c in zip(self.grids, canvases)]
-        accs = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in padded]
-        for segs in self._batches([g.num_patches for g in self.grids]):
-            xp = torch.cat([self.grids[ci].gather(padded[ci], a, b) for ci, a, b in segs])
-            cp = torch.cat([self.cond_patches[ci][a:b] for ci, a, b in segs])
-            tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
-            eps = self._run(xp, cp, tb)
-            k = 0
-            for ci, a, b in segs:
-                self.grids[ci].scatter(accs[ci], eps[k:k + b - a], a)
-                k += b - a
-        return [g.crop(acc) for g, acc in zip(self.grids, accs)]
-
-    def _shifted(self, canvases: list[torch.Tensor], times: list[torch.Tensor]) -> list[torch.Tensor]:
-        P = self.config.patch_size
-        offset = grid_offset(self.calls, P, self.config.grid_seed)
-        grids = [ShiftedGrid(g.height, g.width, P, offset, self.device) for g in self.grids]
-        xs = [gr.gather_all(c.to(self.device, torch.float32)) for gr, c in zip(grids, canvases)]
-        cs = [gr.gather_all(c) for gr, c in zip(grids, self.conds)]
-        outs = [torch.empty(p.shape, dtype=torch.float32, device=self.device) for p in xs]
-        for segs in self._batches([gr.num_patches for gr in grids]):
-            xp = torch.cat([xs[ci][a:b] for ci, a, b in segs]).contiguous()
-            cp = torch.cat([cs[ci][a:b] for ci, a, b in segs]).contiguous()
-            tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
-            eps = self._run(xp, cp, tb)
-            k = 0
-            for ci, a, b in segs:
-                outs[ci][a:b] = eps[k:k + b - a]
-                k += b - a
-        return [gr.merge(o) for gr, o in zip(grids, outs)]
+            self.nonfinite[ci] |= bad
 
 
 class GraphedDenoiser:
@@ -482,16 +578,24 @@ class GraphedDenoiser:
     Args:
         denoiser: the TiledDenoiser to record (its backend must be capturable).
         warmup: eager evaluations before the capture (>= 1).
+        eps_fn: what to record, if not the denoiser itself: a pointwise wrapper of it (e.g.
+            ``consistency.ConsistentEps``), recorded in the same graph.
     """
 
-    def __init__(self, denoiser: TiledDenoiser, warmup: int = 2) -> None:
+    takes_step = True
+
+    def __init__(self, denoiser: TiledDenoiser, warmup: int = 2, *, eps_fn: Callable[..., torch.Tensor] | None = None
+                 ) -> None:
         if denoiser.device.type != "cuda" or not getattr(denoiser.patch_fn, "capturable", False):
             raise ValueError("a graphed denoiser needs a capturable backend on a CUDA device")
         if denoiser.config.grid != "overlap":
             raise ValueError("a graphed denoiser needs the overlap grid (the shifted grid moves at every step)")
         if warmup < 1:
             raise ValueError("warmup must be >= 1")
+        if denoiser.skipping:
+            raise ValueError("a graphed denoiser evaluates every patch (patch skipping changes with the image)")
         self.denoiser, self.warmup = denoiser, warmup
+        self.eps_fn = eps_fn if eps_fn is not None else denoiser
         self.device = denoiser.device
         self._graph: torch.cuda.CUDAGraph | None = None
         self._x = torch.zeros(denoiser.canvas_shape, dtype=torch.float32, device=self.device)
@@ -518,22 +622,27 @@ class GraphedDenoiser:
         self.denoiser.set_condition(cond)
 
     def capture(self) -> None:
-        """Warm up and record the graph now (otherwise done at the first call). Idempotent."""
+        """Warm up and record the graph now (otherwise done at the first call). Idempotent.
+
+        Recorded on a side stream of the denoiser's own device (``stream=``: without it torch captures on the
+        *current* device, and on cuda:N the kernels would run eagerly elsewhere while replay returns stale eps),
+        in ``thread_local`` mode so that another thread pinning memory meanwhile cannot break the capture."""
         if self._graph is not None:
             return
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with self.denoiser.patch_fn.recording():  # type: ignore[attr-defined]
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.denoiser(self._x, self._t)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._out = self.denoiser(self._x, self._t)
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with self.denoiser.patch_fn.recording():  # type: ignore[attr-defined]
+                with torch.cuda.stream(side):
+                    for k in range(self.warmup):
+                        self.eps_fn(self._x, self._t, step=k)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    self._out = self.eps_fn(self._x, self._t, step=0)
         self._graph = graph
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         if tuple(x.shape) != self.canvas_shape:
             raise ValueError(f"canvas {tuple(x.shape)} does not match the recorded {self.canvas_shape}")
         self._x.copy_(x)

@@ -74,6 +74,44 @@ BAD_FIELDS = {  # field -> (value, words the message must contain)
     "model is a list": ("model", [1, 2], "model"),
 }
 
+#: a valid ``isp`` section (the synthetic camera's shape); each hostile case below breaks one field of it
+_ISP = {"gain": 2.0, "srgb_from_cam": [1.6, -0.5, -0.1, 0.0, 1.25, -0.25, 0.05, -0.3, 1.25],
+        "curve": {"kind": "srgb", "tone": 0.5}, "clip": 1.0, "bits": 8}
+
+
+def _isp(**changes):
+    d = json.loads(json.dumps(_ISP))
+    for k, v in changes.items():
+        d[k] = v
+    return d
+
+
+BAD_FIELDS.update({
+    "isp.gain=0": ("isp", _isp(gain=0), "gain"),
+    "isp.gain=-2": ("isp", _isp(gain=-2.0), "gain"),
+    "isp.gain=nan": ("isp", _isp(gain=float("nan")), "gain"),
+    "isp.gain=1e300": ("isp", _isp(gain=1e300), "gain"),
+    "isp.gain string": ("isp", _isp(gain="2"), "gain"),
+    "isp missing gain": ("isp", {k: v for k, v in _ISP.items() if k != "gain"}, "gain"),
+    "isp.srgb_from_cam 8": ("isp", _isp(srgb_from_cam=[1.0] * 8), "srgb_from_cam"),
+    "isp.srgb_from_cam singular": ("isp", _isp(srgb_from_cam=[1.0] * 9), "singular"),
+    "isp.srgb_from_cam inf": ("isp", _isp(srgb_from_cam=[float("inf")] + [0.0] * 8), "srgb_from_cam"),
+    "isp.curve.kind": ("isp", _isp(curve={"kind": "log"}), "kind"),
+    "isp.curve.tone=2": ("isp", _isp(curve={"kind": "srgb", "tone": 2.0}), "tone"),
+    "isp.curve.power=0": ("isp", _isp(curve={"kind": "gamma", "power": 0.0, "slope": 4.5}), "power"),
+    "isp.curve.lut decreasing": ("isp", _isp(curve={"kind": "lut", "lut": [0.0, 0.6, 0.5, 1.0]}), "increasing"),
+    "isp.curve.lut one value": ("isp", _isp(curve={"kind": "lut", "lut": [0.5]}), "lut"),
+    "isp.curve.lut huge": ("isp", _isp(curve={"kind": "lut", "lut": [0.0] * 70000}), "lut"),
+    "isp.curve.lut above 1": ("isp", _isp(curve={"kind": "lut", "lut": [0.0, 2.0]}), "lut"),
+    "isp.curve extra key": ("isp", _isp(curve={"kind": "srgb", "tone": 0.5, "lut": [0.0, 1.0]}), "lut"),
+    "isp.clip=0": ("isp", _isp(clip=0.0), "clip"),
+    "isp.clip=1.5": ("isp", _isp(clip=1.5), "clip"),
+    "isp.bits=12": ("isp", _isp(bits=12), "bits"),
+    "isp.bits=8.0": ("isp", _isp(bits=True), "bits"),
+    "isp unknown key": ("isp", _isp(gamma=2.2), "gamma"),
+    "isp is a list": ("isp", [1, 2], "isp"),
+})
+
 
 @pytest.mark.parametrize("case", sorted(BAD_FIELDS))
 def test_bad_description_field(tiny_dir, tmp_path, case):

@@ -136,8 +136,7 @@ def test_shifted_grid_sampling_moves_the_borders_and_needs_fewer_patches() -> No
 def test_overlap_last_uses_the_overlap_grid_for_the_final_evaluations() -> None:
     model = BlurModel()
     cond = torch.rand(1, 3, 100, 100) * 2 - 1
-    den = TiledDenoiser(model, cond, TileConfig(stride=16, grid="shifted", overlap_last=2))
-    den.total_calls = 5
+    den = TiledDenoiser(model, cond, TileConfig(stride=16, grid="shifted", overlap_last=2), steps=5)
     x = torch.randn(1, 3, 100, 100)
     sizes = []
     for _ in range(5):

@@ -69,6 +69,7 @@ import torch
 from PIL import Image
 
 from rawdiff_infer.camera import DEFAULT_CAMERA, SRGB_TO_XYZ, Camera
+from rawdiff_infer.isp import IspCurve, IspModel, inverse_tone_curve, linear_to_srgb, srgb_to_linear, tone_curve
 
 from .scene_aug import SceneAugmentation, SceneDraw
 
@@ -89,45 +90,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pointwise curves (any device, any float dtype; values outside [0, 1] are clamped first)
+# Pointwise curves: the OETF and tone curve live in rawdiff_infer.isp (the runtime's ISP); quantisation here
 # --------------------------------------------------------------------------------------------------------------
-
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    """sRGB OETF: linear [0, 1] -> encoded [0, 1] (12.92 x below 0.0031308, else 1.055 x^(1/2.4) - 0.055)."""
-    x = x.clamp(0.0, 1.0)
-    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055)
-
-
-def srgb_to_linear(y: torch.Tensor) -> torch.Tensor:
-    """Inverse sRGB OETF: encoded [0, 1] -> linear [0, 1]."""
-    y = y.clamp(0.0, 1.0)
-    return torch.where(y <= 0.04045, y / 12.92, ((y.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4)
-
-
-def tone_curve(x: torch.Tensor, strength: torch.Tensor | float) -> torch.Tensor:
-    """Global S-curve ``(1 - k) x + k (3 x^2 - 2 x^3)`` on [0, 1]; ``strength`` k in [0, 1] broadcasts with x."""
-    x = x.clamp(0.0, 1.0)
-    return (1.0 - strength) * x + strength * (x * x * (3.0 - 2.0 * x))
-
-
-def inverse_tone_curve(y: torch.Tensor, strength: torch.Tensor | float) -> torch.Tensor:
-    """Exact inverse of :func:`tone_curve` for k in [0, 1].
-
-    With u = x - 1/2, v = y - 1/2, a = 1 + k/2 the curve is v = a u - 2 k u^3. Its middle root is
-    ``u = 2 sqrt(a / (6k)) sin(asin(z) / 3)`` with ``z = (3 v / (2 a)) sqrt(6 k / a)`` (|z| <= 1 on [0, 1]);
-    for k = 1 this is Brooks et al.'s ``0.5 - sin(asin(1 - 2y) / 3)``. This form has no cancellation as k -> 0
-    (then u -> v / a), and k below 1e-6 is treated as the identity.
-    """
-    y = y.clamp(0.0, 1.0)
-    k = torch.as_tensor(strength, dtype=y.dtype, device=y.device)
-    k_safe = k.clamp_min(1e-6)
-    a = 1.0 + 0.5 * k_safe
-    v = y - 0.5
-    z = ((1.5 * v / a) * torch.sqrt(6.0 * k_safe / a)).clamp(-1.0, 1.0)
-    u = 2.0 * torch.sqrt(a / (6.0 * k_safe)) * torch.sin(torch.asin(z) / 3.0)
-    x = torch.where(k < 1e-6, y, u + 0.5)
-    return x.clamp(0.0, 1.0)
-
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
     """Round [0, 1] values to the 256 levels of 8-bit (result still float, multiples of 1/255)."""
@@ -315,6 +279,16 @@ class SyntheticCamera:
         if which not in ("srgb_from_cam", "cam_from_srgb"):
             raise ValueError(f"unknown matrix {which!r}")
         return torch.tensor(getattr(self, which), dtype=torch.float32, device=device).view(3, 3)
+
+    def isp_model(self, randomization: "IspRandomization | None" = None) -> IspModel | None:
+        """This camera's ISP as a model description states it (``rawdiff_infer.isp.IspModel``), exactly: gain
+        ``1 / raw_white``, ``srgb_from_cam``, the sRGB curve with the tone strength, clip 1, 8 bits. None when the
+        randomization draws the gain or the tone per image (then no single ISP rendered the pairs)."""
+        r = randomization or IspRandomization()
+        if r.raw_white[0] != r.raw_white[1] or r.tone_strength[0] != r.tone_strength[1]:
+            return None
+        return IspModel(gain=1.0 / r.raw_white[0], srgb_from_cam=self.srgb_from_cam,
+                        curve=IspCurve(kind="srgb", tone=r.tone_strength[0]), clip=1.0, bits=8)
 
     # -- the ISP and its inverse ------------------------------------------------------------------------------
 
