@@ -194,7 +194,7 @@ def phase_train(args: SessionArgs, res: Results, device: str):
     from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
     from rawdiff_infer.model import UNetConfig
     from rawdiff_infer.schedule import ScheduleConfig
-    from rawdiff_train.camera_isp import described_camera
+    from rawdiff_train.camera_isp import SyntheticCamera, described_camera
     from rawdiff_train.pool import PairPool
     from rawdiff_train.scene_aug import SceneAugmentation
     from rawdiff_train.trainer import TrainConfig, Trainer, TrainingDiverged
@@ -214,7 +214,8 @@ def phase_train(args: SessionArgs, res: Results, device: str):
         "data": "synthetic camera (nikon-d700) over " + ", ".join(str(p) for p in args.photos),
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
         "held_out_files": [p.name for p in val_files], "variants_per_photo": args.variants,
-        "scene_augmentation": augmentation.to_dict() if augmentation is not None else None})
+        "scene_augmentation": augmentation.to_dict() if augmentation is not None else None},
+        isp=SyntheticCamera(cam).isp_model())  # make_pairs draws with the default randomization: one fixed ISP
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
                       warmup=args.warmup if args.warmup is not None else min(1000, args.steps // 5), ema_decay=0.999,
                       compile=device.startswith("cuda"), bf16=True, log_every=args.log_every,
@@ -260,7 +261,7 @@ def phase_train(args: SessionArgs, res: Results, device: str):
     meta_final = ModelMeta(model=cfg_model, schedule=meta.schedule, camera=cam, provenance={
         **meta.provenance, "train_steps": trainer.step, "train_steps_total": prior_steps + trainer.step,
         "batch_size": cfg.batch_size, "final_loss": rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay,
-        "trained_on": res.data.get("env", {}).get("gpu"), "date": time.strftime("%Y-%m-%d")})
+        "trained_on": res.data.get("env", {}).get("gpu"), "date": time.strftime("%Y-%m-%d")}, isp=meta.isp)
     save_checkpoint(trainer.ema.float(), wdir, meta=meta_final, dtype=torch.float16, shard_bytes=12 << 20)
     res.phase("train", weights=sorted(p.name for p in wdir.iterdir()))
     return trainer.ema, meta_final, val_files

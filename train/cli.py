@@ -27,7 +27,7 @@ import click
 from rawdiff_infer.console import OneLineCommand
 from rawdiff_infer.messages import first_line, show_path
 
-__all__ = ["main", "cli", "build_data", "FiniteFloat", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = ["main", "cli", "build_data", "training_isp", "FiniteFloat", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 log = logging.getLogger("rawdiff.train")
 
@@ -49,6 +49,10 @@ Data, one of:
 
 Defaults are the paper's recipe: 64x64 patches, batch 256, Adam, 1k warm-up to 2e-4 then cosine to 2e-6,
 gradient-norm clip 1, 20k steps, eps-MSE; plus EMA weights (saved as the inference checkpoint).
+
+Every saved model describes the ISP that renders its data's RAW to sRGB ("isp", for ISP-consistent inference):
+the synthetic camera's own; LibRaw's render of the RAW files (one per camera; fitted to the pairs where the
+files' renders differ, with the fit's residual in the provenance).
 
 Exit status: 0 done, 1 data / checkpoint / run failure (including divergence: no non-finite checkpoint is ever
 written), 2 bad command line, 130 / 143 / 129 interrupted (the last checkpoint is intact).
@@ -197,12 +201,13 @@ def _photo_data(photos, *, camera, variants, val_count, seed, augmentation):
     folders = [photos] if isinstance(photos, (str, os.PathLike)) else list(photos)
     train_files, val_files, held = _photo_split(folders, val_count, seed)
     cam = described_camera(get_camera(camera))
-    src = PhotoPairSource(train_files, camera=cam, seed=seed, augmentation=augmentation)
+    rnd = _randomization()
+    src = PhotoPairSource(train_files, camera=cam, randomization=rnd, seed=seed, augmentation=augmentation)
     pairs = []
     for epoch in range(variants):
         src.set_epoch(epoch)
         pairs.extend(src[i] for i in range(len(src)))
-    val_src = PhotoPairSource(val_files, camera=cam, seed=seed + 10_000)
+    val_src = PhotoPairSource(val_files, camera=cam, randomization=rnd, seed=seed + 10_000)
     val = [val_src[i] for i in range(len(val_src))]
     desc = {"data": "synthetic camera over photos", "camera": camera,
             "photo_folders": [str(f) for f in folders], "train_files": [f.name for f in train_files],
@@ -235,6 +240,53 @@ def _raw_data(root, *, camera, wb, train_list, test_list, val_count, seed, cache
     desc = {"data": "InvISP protocol over RAW files", "root": str(root), "train_files": len(train_files),
             "test_files": len(test_files), "wb": wb}
     return pairs, val, cam, desc
+
+
+def _randomization():  # noqa: ANN202 - camera_isp.IspRandomization, imported lazily
+    """The synthetic camera's ISP draws for --photos: the defaults (one fixed ISP: gain 2, tone 0.5)."""
+    from .camera_isp import IspRandomization
+
+    return IspRandomization()
+
+
+def training_isp(photos: bool, pairs: list, camera: Any, *, wb: str = "camera") -> tuple[Any, dict[str, Any]]:
+    """The ISP a model trained on ``pairs`` renders with (``ModelMeta.isp``), and how it was found (provenance).
+
+    Args:
+        photos: True for the synthetic camera (``--photos``), False for RAW files (``--raw`` / ``--fivek``).
+        pairs: the training ``data.ImagePair`` list ``build_data`` returned.
+        camera: the ``Camera`` ``build_data`` returned (the synthetic camera's colour matrix).
+        wb: the RAW pairs' white balance ('camera' or 'daylight').
+    Returns (IspModel or None, provenance dict). Photos: exactly ``SyntheticCamera(camera).isp_model()`` of the
+    draws the pairs were made with. RAW files: LibRaw's render of each training file (``fivek.libraw_isp``, kept
+    in the pair's metadata, or from the file for pairs cached before it was); if every file agrees, that ISP,
+    with its residual on the training pairs (demosaicing and JPEG are not in it); else an ISP fitted to the
+    training pairs (``isp_fit.fit_isp``), with the fit's residual. Raises RawFileError / ValueError (one line).
+    """
+    from rawdiff_infer.isp import IspModel
+
+    from .camera_isp import SyntheticCamera
+    from .isp_fit import common_isp, fit_isp, isp_residual
+
+    if photos:
+        isp = SyntheticCamera(camera).isp_model(_randomization())
+        return isp, {"source": "the synthetic camera's own ISP (exact)" if isp is not None
+                     else "none (the synthetic camera draws its gain or tone per image)"}
+    from .fivek import libraw_isp
+
+    if not pairs:
+        return None, {"source": "none (no training pairs)"}
+    isps = [IspModel.from_dict(p.meta["isp"]) if p.meta.get("isp") is not None
+            else libraw_isp(p.meta["path"], wb=wb) for p in pairs]
+    srgb, raw = [p.srgb for p in pairs], [p.raw for p in pairs]
+    isp = common_isp(isps)
+    if isp is not None:
+        return isp, {"source": "LibRaw's render (InvISP protocol, fivek.libraw_isp), the same for all "
+                     f"{len(isps)} training files", **isp_residual(isp, srgb, raw)}
+    isp, fit = fit_isp(srgb, raw, bits=8)
+    log.info("LibRaw's render differs between the training files: fitted one ISP to them (%.2f dB)", fit["psnr_db"])
+    return isp, {"source": f"fitted to the training pairs (isp_fit.fit_isp): LibRaw's render differs between "
+                 f"the {len(isps)} training files", **fit}
 
 
 @click.command(PROG, cls=OneLineCommand, help=HELP,
@@ -282,7 +334,8 @@ def _raw_data(root, *, camera, wb, train_list, test_list, val_count, seed, cache
 @click.option("--val-every", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--log-every", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--max-minutes", type=FiniteFloat(0.0, lo_open=True), help="Stop (and save) after this much wall time.")
-@click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's latest checkpoint (same data and "
+              "camera: a different ISP is refused).")
 @click.option("--init", "init_ckpt", type=click.Path(exists=True),
               help="Fine-tune: start from this model's weights (.safetensors or sharded folder, e.g. "
               "rawdiff_infer/weights) with a fresh optimizer and lr schedule. Same U-Net and noise schedule.")
@@ -452,15 +505,18 @@ def _data(opts: TrainOptions, device: str, out_dir: Path):  # noqa: ANN202
                                            test_list=opts.test_list, val_count=opts.val_count, seed=opts.seed,
                                            cache=opts.cache, augmentation=SceneAugmentation() if opts.scene_aug
                                            else None)
+        isp, isp_desc = training_isp(bool(opts.photos), pairs, cam, wb=opts.wb)
     except (RawFileError, ValueError, OSError) as e:
         raise _Fail(_data_message(e)) from None
+    desc["isp"] = isp_desc
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _Fail(f"--out {show_path(opts.out)}: cannot create the run folder ({e.strerror or first_line(e)})",
                     EXIT_USAGE) from None
     model_cfg = UNetConfig() if opts.config_name == "paper" else UNetConfig.tiny()
-    meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=opts.schedule), camera=cam, provenance=desc)
+    meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=opts.schedule), camera=cam, provenance=desc,
+                     isp=isp)
     try:
         pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
     except ValueError as e:
@@ -475,6 +531,8 @@ def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, devi
     from .trainer import Trainer
     from .validation import ValidationSet, center_crop
 
+    if opts.resume:
+        meta = _resumed_meta(meta, out_dir)
     validate = None
     if val:
         import numpy as np
@@ -502,6 +560,31 @@ def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, devi
             raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
         click.echo(f"resumed from step {trainer.step}", err=True)
     return trainer
+
+
+def _resumed_meta(meta: Any, out_dir: Path) -> Any:
+    """``meta`` with the ISP of the checkpoint --resume continues (the same ISP, as stored), or this run's where
+    that checkpoint predates ISP descriptions. A different ISP (other --camera, other data) is a command-line
+    error (exit 2): the model would be described with an ISP it was not trained for."""
+    import dataclasses
+
+    from rawdiff_infer.checkpoint import read_meta
+
+    from .isp_fit import isp_close, isp_summary
+
+    where = out_dir / "latest"
+    try:
+        where = out_dir / where.read_text().strip()
+        stored = read_meta(where / "model.safetensors")
+    except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
+        raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
+    if stored.isp is None:
+        return meta
+    if not isp_close(stored.isp, meta.isp):
+        raise _Fail(f"--resume: this run's ISP ({isp_summary(meta.isp)}) is not the one {show_path(where)} was "
+                    f"trained with ({isp_summary(stored.isp)}); resume with the same data and --camera, or train "
+                    "into a new --out", EXIT_USAGE)
+    return dataclasses.replace(meta, isp=stored.isp)
 
 
 def _check_out_dir(out_dir: Path) -> None:
