@@ -23,6 +23,7 @@ Every failure is a ``CheckpointError`` whose one-line message starts with the fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -151,8 +152,7 @@ def save_checkpoint(model: UNet, path: str | os.PathLike, *, meta: ModelMeta | N
     from safetensors.torch import save_file
 
     meta = meta or ModelMeta()
-    meta = ModelMeta(model=model.config, schedule=meta.schedule, encoding=meta.encoding, camera=meta.camera,
-                     provenance={**meta.provenance, **provenance})
+    meta = dataclasses.replace(meta, model=model.config, provenance={**meta.provenance, **provenance})
     sd = _state_dict(model, dtype)
     path = Path(path)
     if shard_bytes is None:

@@ -28,6 +28,7 @@ from rawdiff_infer.schedule import Schedule
 from rawdiff_infer.tiling import TileConfig, TiledDenoiser
 
 from conftest import TINY_CONFIG, perturbed_tiny_model
+from test_consistency import NIKON, in_band, rendered
 
 MAX_BATCH = 8
 
@@ -38,7 +39,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[AotiExport, UNet, P
     d = tmp_path_factory.mktemp("aoti")
     model = perturbed_tiny_model(3)
     ckpt = d / "tiny.safetensors"
-    save_checkpoint(model, ckpt, meta=ModelMeta(model=TINY_CONFIG, provenance={"note": 'quotes " and \\ kept'}))
+    save_checkpoint(model, ckpt, meta=ModelMeta(model=TINY_CONFIG, provenance={"note": 'quotes " and \\ kept'},
+                                                isp=NIKON))
     res = export_checkpoint_aoti(ckpt, d, device="cpu", max_batch=MAX_BATCH)
     return res, model.eval(), ckpt
 
@@ -120,7 +122,7 @@ def test_refuses_out_of_range_batches_and_patch_sizes(built) -> None:
 def test_metadata_round_trip(built) -> None:
     res, _, ckpt = built
     info = read_aoti_info(res.path)
-    assert info.meta == ModelMeta(model=TINY_CONFIG, provenance={"note": 'quotes " and \\ kept'})
+    assert info.meta == ModelMeta(model=TINY_CONFIG, provenance={"note": 'quotes " and \\ kept'}, isp=NIKON)
     assert (info.precision, info.patch_size, info.min_batch, info.max_batch) == ("fp32", 64, 1, MAX_BATCH)
     assert info.input_layout == "channels_last"
     assert info.checkpoint_sha256 == file_sha256(ckpt)
@@ -202,6 +204,30 @@ def test_tiled_sampler_same_as_torch_backend(built) -> None:
         out = run(b)
     ref = run(TorchBackend(model, ModelMeta(model=TINY_CONFIG), channels_last=False))
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=5e-4)  # 4 steps amplify 1e-6 eps differences to ~2e-4
+
+
+@pytest.mark.slow
+def test_consistent_reconstruction_same_as_torch_backend(built) -> None:
+    """The package carries the model's ISP; with the projection, AOTI and eager torch give the same consistent
+    output."""
+    import numpy as np
+
+    from rawdiff_infer.consistency import Band
+    from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
+
+    res, model, _ = built
+    srgb = rendered(NIKON, 48, 80, seed=15)[1]
+    img = np.round(srgb.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    outs = []
+    with AotiBackend(res.path) as b:
+        for be in (b, TorchBackend(model, ModelMeta(model=TINY_CONFIG, isp=NIKON), channels_last=False)):
+            assert be.meta.isp == NIKON
+            rec = RawReconstructor(be, sampler=SamplerConfig(method="dpm", steps=3),
+                                   tiles=TileConfig(stride=48, batch_size=4))
+            outs.append(rec.reconstruct(img, seed=1))
+    np.testing.assert_allclose(outs[0].encoded, outs[1].encoded, atol=5e-4)
+    lin = torch.from_numpy(outs[0].linear).permute(2, 0, 1)
+    assert bool(in_band(NIKON, lin, torch.from_numpy(img).permute(2, 0, 1).float() / 255, Band()).all())
 
 
 @pytest.mark.slow
