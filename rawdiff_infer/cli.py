@@ -306,8 +306,8 @@ def run(opts: InferOptions, console: Console, state: dict[str, Any]) -> int:
     with _load(opts, device) as be:
         rec = _reconstructor(opts, be, device)
         if not rec.consistent and opts.consistency == "auto":
-            console.warn("this model does not describe its camera's ISP: its output is not made consistent with "
-                         "the input (see --consistency)")
+            console.out("note: this model does not describe its camera's ISP, so its output is not made "
+                        "consistent with the input (see --consistency)")
         return _process(opts, console, state, rec, be, todo, failed, skipped, n_inputs)
 
 

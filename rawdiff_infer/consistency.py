@@ -5,9 +5,9 @@ where a channel is clipped, it only says the RAW is at or above the clip level. 
 
     C = { raw in [0, 1]^3 :  lo <= A raw <= hi }        A = gain / clip * M (3 x 3), per channel of l = A raw
 
-with ``lo = f^-1((v - w) / L)`` and ``hi = f^-1((v + w) / L)`` for the input level v (0..L), the band half-width
-w (input levels) and the ISP curve f; ``hi = +inf`` where v + w reaches white (clipped) and ``lo = -inf`` where
-v - w reaches black. C is convex (a box intersected with a parallelepiped).
+with ``lo = f^-1(max(v - w, 0) / L)`` and ``hi = f^-1(min(v + w, L) / L)`` for the input level v (0..L), the band
+half-width w (input levels) and the ISP curve f; ``hi = +inf`` where the input is at white (v = L: clipped) and
+``lo = -inf`` where it is at black. C is convex (a box intersected with a parallelepiped).
 
 The projection ``P`` used after every model evaluation, per pixel:
 
@@ -36,12 +36,15 @@ import torch
 from .isp import IspModel
 
 __all__ = ["Band", "ConsistencyConfig", "ConsistencySet", "ConsistentEps", "DeviceSchedule", "LOSSLESS_BAND",
-           "MODES", "SKIP_BAND", "jpeg_band", "pack_projector"]
+           "MODES", "QUANTISATION_BAND", "jpeg_band", "pack_projector"]
 
-#: half-width of the band of a lossless input, in its levels (the quantisation step's half)
-LOSSLESS_BAND = 0.5
-#: patches are skipped only where every pixel's band is at most this wide (input levels): lossless inputs
-SKIP_BAND = 0.5
+#: half the quantisation step, in input levels: every RAW within it renders to a lossless input's own level
+QUANTISATION_BAND = 0.5
+#: the band used for a lossless input by default, in its levels: 0, the band's centre (the closed form) for every
+#: determined channel. Measured on held-out crops (benchmarks/RESULTS.md, "ISP consistency"): letting the bundled
+#: model move inside the half-level step cost 5.6 dB on lossless determined pixels (60.2 against 65.8 dB); it has
+#: no information there that the closed form lacks. ``--band 0.5`` gives the whole step.
+LOSSLESS_BAND = 0.0
 #: the bounds sit this far (input levels) inside the band, so a RAW on them renders to the input's own level
 EDGE_MARGIN = 0.01
 #: alternating projections used to find a consistent point where the closed form is not one
@@ -50,9 +53,13 @@ FEASIBLE_ITERATIONS = 60
 FEASIBLE_TOLERANCE = 1e-4
 
 
-#: (JPEG quality, band half-width in 8-bit levels), measured on held-out photos (benchmarks/band_study.py);
-#: interpolated linearly in between, held flat outside
-JPEG_BANDS: tuple[tuple[int, float], ...] = ((50, 4.0), (75, 3.0), (90, 2.0), (98, 1.0), (100, 0.5))
+#: (JPEG quality, band half-width in 8-bit levels), interpolated linearly in between, held flat outside. Measured
+#: on 8 held-out photos (benchmarks/band_study.py; benchmarks/results/2026-12-07-band-study.md, and RESULTS.md):
+#: wider bands only lose with the bundled model, which removes no JPEG error: at 75 / 90 / 98, band 1 lost 0.06 /
+#: 0.33 / 0.85 dB on determined pixels against band 0.5, and band 2 lost 1.3 dB; band 0 (the closed form on every
+#: determined channel) beat 0.5 by 0.04 dB overall and 0.1 dB on determined pixels over the camera's own JPEG draws
+#: (qualities 75-96). At 50, band 1 measured best, by 0.03 dB over 0.5 and 0.09 over 0 (noise level).
+JPEG_BANDS: tuple[tuple[int, float], ...] = ((50, 1.0), (75, 0.0), (100, 0.0))
 
 
 def jpeg_band(quality: int) -> float:
@@ -67,7 +74,8 @@ class Band:
     """The quantisation band of one input image.
 
     Attributes:
-        width: half-width in the input's levels, >= 0 (0.5: lossless; JPEG: wider, from its quality).
+        width: half-width in the input's levels, >= 0 (0.5: the whole quantisation step; the default is
+            ``LOSSLESS_BAND`` for lossless input, ``jpeg_band`` of a JPEG's quality).
         levels: the input's white level, 1..65535 (255 for 8-bit, 65535 for 16-bit and float inputs).
     """
 
@@ -85,18 +93,13 @@ class Band:
         """The band of an input with white level ``levels`` (255: 8-bit, 65535: 16-bit or float).
 
         ``width_8bit`` (the user's override, in 8-bit levels) wins; else a JPEG's estimated quality (1..100) gives
-        ``jpeg_band(quality)``; else half a level (lossless)."""
+        ``jpeg_band(quality)``; else ``LOSSLESS_BAND``."""
         scale = levels / 255.0
         if width_8bit is not None:
             return cls(width=float(width_8bit) * scale, levels=levels)
         if jpeg_quality is not None:
             return cls(width=jpeg_band(jpeg_quality) * scale, levels=levels)
         return cls(width=LOSSLESS_BAND, levels=levels)
-
-    @property
-    def lossless(self) -> bool:
-        """Narrow enough that every unclipped pixel is determined (patch skipping allowed)."""
-        return self.width * 255.0 / self.levels <= SKIP_BAND
 
 
 #: --consistency modes: auto (on when the model describes its ISP), on (the model must have one), off
@@ -111,10 +114,10 @@ class ConsistencyConfig:
         mode: "auto" (project when the model has an ISP; the default), "on" (the model must have one) or "off"
             (never project: the model's own output, as before 0.3).
         band: the half-width of every input's band in 8-bit levels (scaled to a 16-bit input's levels), >= 0;
-            None (the default): from each input (half a level when lossless, from the quantisation tables for
-            JPEG, ``Band.for_input``).
-        skip: skip the model on patches whose every pixel is determined (no clipped channel, a lossless band):
-            their answer is the closed form. Overlap grid with step fusion only.
+            None (the default): from each input (``LOSSLESS_BAND`` when lossless, from the quantisation tables
+            for JPEG, ``Band.for_input``).
+        skip: skip the model on patches without a clipped pixel: their answer is the closed form (exactly so
+            with the default bands of width 0). Overlap grid with step fusion only.
     """
 
     mode: str = "auto"
@@ -157,8 +160,10 @@ class ConsistencySet:
         v = torch.round(x.clamp(0.0, 1.0) * L)
         y_lo, y_hi = (v - w) / L, (v + w) / L
         inf = torch.tensor(math.inf, device=x.device)
-        self.lo = torch.where(y_lo <= 0.0, -inf, isp.curve.inverse(y_lo))
-        self.hi = torch.where(y_hi >= 1.0, inf, isp.curve.inverse(y_hi))
+        # open ends only at the ends of the scale themselves: a channel below white was not clipped, whatever the
+        # band's width (a wide JPEG band reaching white must not free a near-white channel upwards)
+        self.lo = torch.where(v <= 0.0, -inf, isp.curve.inverse(y_lo.clamp_min(0.0)))
+        self.hi = torch.where(v >= L, inf, isp.curve.inverse(y_hi.clamp_max(1.0)))
         self.clipped = torch.isinf(self.hi).any(dim=0)
         self.q, self.inconsistent = self._consistent_point(isp.closed_form(v / L))
 
@@ -219,9 +224,9 @@ class ConsistencySet:
         return self.q ** (1.0 / gamma) * 2.0 - 1.0
 
     def needs_model(self) -> torch.Tensor:
-        """[H, W] bool: pixels the model must see: a clipped channel, a wide band, or no consistent RAW."""
-        if not self.band.lossless:
-            return torch.ones(self.clipped.shape, dtype=torch.bool, device=self.clipped.device)
+        """[H, W] bool: pixels the model must see: a clipped channel, or no consistent RAW. (Inside a wide JPEG
+        band the model may still remove artefacts; whether that is worth a model evaluation is the caller's
+        choice, ``ConsistencyConfig.skip``.)"""
         return self.clipped | (self.violation(self.q) > FEASIBLE_TOLERANCE)
 
 

@@ -330,8 +330,7 @@ class RawReconstructor:
             x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self.sampler.kwargs())
             eps_fn.check_finite()
             return self._project_output(sets, [x0[0]])
-        skip = self.consistency.skip and sets and self.tiles.grid == "overlap" and all(cs.band.lossless
-                                                                                         for cs in sets)
+        skip = self.consistency.skip and sets and self.tiles.grid == "overlap"
         needed = [cs.needs_model() for cs in sets] if skip else None
         denoiser = TiledDenoiser(self.backend, conds, self.tiles, steps=self.sampler.num_steps, needed=needed)
         self.last_stats["evaluated_patches"] = denoiser.num_patches

@@ -597,7 +597,7 @@ def mutated(draw) -> tuple[str, bytes]:
         hi = min(len(data) - 1, draw(st.sampled_from([64, 256, len(data) - 1])))
         pos = draw(st.integers(0, max(hi, 0)))
         op = draw(st.sampled_from(["set", "set", "insert", "delete", "truncate"]))
-        if op == "set":
+        if op == "set" and data:  # earlier deletions may have emptied it
             data[pos] = draw(st.integers(0, 255))
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=8))

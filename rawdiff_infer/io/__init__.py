@@ -4,7 +4,8 @@ Input (``read_image``): JPEG (incl. MPO), PNG, TIFF and WebP, 8 or 16 bits per c
 truncated file is an error, never a grey-filled picture), EXIF orientation applied, alpha dropped, grey /
 palette / CMYK / LAB expanded to RGB, an embedded non-sRGB ICC profile converted to sRGB. Every problem with
 the input file raises :class:`ImageError` with a one-line message ``"<path>: <problem>"``; camera RAW files
-are refused (this tool makes RAW, it does not read it).
+are refused (this tool makes RAW, it does not read it). A JPEG's quality is estimated from its quantisation tables
+(``DecodedImage.jpeg_quality``, :func:`rawdiff_infer.io.jpeg.estimate_jpeg_quality`).
 
 Output: the RAW convention of DESIGN.md. ``linear`` is float32 H x W x 3 in [0, 1]: demosaiced camera RGB,
 black-subtracted, white-balanced, divided by (white - black). ``write_dng`` stores its Bayer mosaic

@@ -73,6 +73,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from ..fsio import NotRegularFileError, open_regular
 from ..messages import first_line, show_path
+from .jpeg import estimate_jpeg_quality
 
 __all__ = ["ImageError", "DecodedImage", "read_image", "is_supported_image", "SUPPORTED_INPUT_SUFFIXES",
            "RAW_SUFFIXES"]
@@ -152,6 +153,9 @@ class DecodedImage:
         icc_converted: True when an embedded non-sRGB ICC profile (or LAB data) was converted to sRGB.
         warnings: one-line notes about lossy steps (alpha dropped, bits reduced, profile ignored, ...);
             each is also logged with ``logging.warning`` as ``"<path>: <note>"``.
+        jpeg_quality: JPEG (and MPO) files only: the IJG-equivalent quality 1..100 estimated from the file's
+            quantisation tables (``io.jpeg.estimate_jpeg_quality``; the closest IJG quality for other encoders'
+            tables); None for every other format and for a JPEG without usable tables.
     """
 
     pixels: np.ndarray
@@ -160,6 +164,7 @@ class DecodedImage:
     exif_orientation: int = 1
     icc_converted: bool = False
     warnings: tuple[str, ...] = ()
+    jpeg_quality: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -225,21 +230,21 @@ def read_image(path: PathLike, *, max_pixels: int | None = None) -> DecodedImage
     with _PIXEL_LIMIT_LOCK:
         pillow_limit = Image.MAX_IMAGE_PIXELS
     if max_pixels is None or (pillow_limit is not None and max_pixels <= pillow_limit):
-        decoded, notes = _read_quietly(name, shown, pillow_limit if max_pixels is None else max_pixels)
+        decoded, notes, info = _read_quietly(name, shown, pillow_limit if max_pixels is None else max_pixels)
     else:
         # Lift Pillow's own guard for this call only; our check in _decode enforces max_pixels instead.
         # Concurrent reads with the default limit wait on the lock to read the limit, so they never see this.
         with _PIXEL_LIMIT_LOCK:
             Image.MAX_IMAGE_PIXELS = max_pixels
             try:
-                decoded, notes = _read_quietly(name, shown, max_pixels)
+                decoded, notes, info = _read_quietly(name, shown, max_pixels)
             finally:
                 Image.MAX_IMAGE_PIXELS = pillow_limit
     pixels, bit_depth, fmt, orientation, icc_converted = decoded
     for note in notes:
         logger.warning("%s: %s", shown, note)
     return DecodedImage(pixels=pixels, bit_depth=bit_depth, format=fmt, exif_orientation=orientation,
-                        icc_converted=icc_converted, warnings=tuple(notes))
+                        icc_converted=icc_converted, warnings=tuple(notes), jpeg_quality=info.get("jpeg_quality"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -355,10 +360,12 @@ _SERIAL_DECODES = not getattr(sys.flags, "context_aware_warnings", False)
 _DECODE_LOCK = threading.Lock()
 
 
-def _read_quietly(name: str, shown: str, limit: int | None) -> tuple[_Decoded, list[str]]:
-    """Open and decode ``name`` with every library message captured; returns the result and its notes
-    (deduplicated, one line each). Raises ImageError, with the captured messages discarded."""
+def _read_quietly(name: str, shown: str, limit: int | None) -> tuple[_Decoded, list[str], dict[str, Any]]:
+    """Open and decode ``name`` with every library message captured; returns the result, its notes
+    (deduplicated, one line each) and what the decoders found about the file (``jpeg_quality``). Raises
+    ImageError, with the captured messages discarded."""
     notes: list[str] = []
+    info: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(_DECODE_LOCK if _SERIAL_DECODES else contextlib.nullcontext())
         records = stack.enter_context(_LOG_CAPTURE.capture())
@@ -367,10 +374,10 @@ def _read_quietly(name: str, shown: str, limit: int | None) -> tuple[_Decoded, l
         stack.enter_context(np.errstate(all="ignore"))
         fh, size = _open_input(name, shown)
         with fh:
-            decoded = _decode(fh, shown, size, limit, notes)
+            decoded = _decode(fh, shown, size, limit, notes, info)
     notes += _log_notes(records)
     notes += _warning_notes(caught)
-    return decoded, list(dict.fromkeys(notes))
+    return decoded, list(dict.fromkeys(notes)), info
 
 
 def _warning_notes(caught: list[warnings.WarningMessage]) -> list[str]:
@@ -532,8 +539,9 @@ def _webp_cut(head: bytes, size: int) -> bool:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _decode(fh: BinaryIO, shown: str, size: int, limit: int | None, notes: list[str]) -> _Decoded:
-    """Decode the open file; map every decoder failure to ImageError."""
+def _decode(fh: BinaryIO, shown: str, size: int, limit: int | None, notes: list[str],
+            info: dict[str, Any] | None = None) -> _Decoded:
+    """Decode the open file; map every decoder failure to ImageError. ``info`` receives ``jpeg_quality``."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         notes.append("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set by some code: truncated data may go unnoticed")
     head = _read_head(fh, shown, 16)
@@ -543,7 +551,7 @@ def _decode(fh: BinaryIO, shown: str, size: int, limit: int | None, notes: list[
     try:
         if claimed == "TIFF":
             return _decode_tiff(fh, shown, size, limit, notes)
-        return _decode_pillow(fh, shown, limit, notes)
+        return _decode_pillow(fh, shown, limit, notes, info=info)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -1026,8 +1034,11 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _decode_pillow(fh: BinaryIO, shown: str, limit: int | None, notes: list[str], *,
-                   tiff_reason: str | None = None, tiff_extra: str | None = None) -> _Decoded:
+                   tiff_reason: str | None = None, tiff_extra: str | None = None,
+                   info: dict[str, Any] | None = None) -> _Decoded:
     """Open with Pillow, check the format and the pixel limit, decode.
+
+    ``info``: receives ``jpeg_quality`` (estimated from the quantisation tables) for a JPEG.
 
     ``tiff_reason``: why tifffile could not parse this TIFF (named if Pillow cannot identify it either).
     ``tiff_extra``: a note about an extra sample Pillow will drop silently.
@@ -1054,6 +1065,8 @@ def _decode_pillow(fh: BinaryIO, shown: str, limit: int | None, notes: list[str]
                 return png16
         with _LIBTIFF.quiet() if img.format == "TIFF" else contextlib.nullcontext():
             img.load()
+        if info is not None and fmt == "JPEG":
+            info["jpeg_quality"] = estimate_jpeg_quality(getattr(img, "quantization", None))
         if tiff_extra:
             notes.append(tiff_extra)
         return _from_pillow(shown, img, fmt, notes)
