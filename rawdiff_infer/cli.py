@@ -442,11 +442,13 @@ def _sampler_help() -> str:
               "where the photo is not clipped, at or above white where it is. auto: when the model describes its "
               "ISP (the bundled one does); on: fail if it does not; off: the model's own output.")
 @click.option("--band", type=click.FloatRange(0.0, 64.0), metavar="LEVELS",
-              help="Half-width of the consistency band in 8-bit levels. Default: 0.5 for lossless input, wider for "
-              "JPEG, from its quantisation tables.")
+              help="Half-width, in 8-bit levels, of the band around each unclipped input level that the output must "
+              "render into. Default: 0 (the closed form on every unclipped channel: the bundled model measured no "
+              "better inside the band) for lossless input and JPEG of quality 75 or more, up to 1 at quality 50, "
+              "from the file's quantisation tables. 0.5 is the whole quantisation step.")
 @click.option("--skip-determined/--no-skip-determined", default=True, show_default=True,
-              help="With consistency: patches in which every pixel is determined (no clipped channel, lossless "
-              "input) skip the model; their answer is the closed-form inverse.")
+              help="With consistency: patches without a clipped pixel skip the model; their answer is the "
+              "closed-form inverse of the ISP (the same answer, at the default band, in less time).")
 @click.option("--max-pixels", type=click.IntRange(1), help="Raise/lower the decompression-bomb limit (pixels).")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--resume", is_flag=True, help="Skip inputs whose outputs all exist (they are complete: writes are "

@@ -362,3 +362,49 @@ def test_onnx_backend_gives_the_same_consistent_output(tmp_path) -> None:
     np.testing.assert_allclose(outs[0].encoded, outs[1].encoded, atol=5e-4)  # see the packed test: dark pixels
     lin = torch.from_numpy(outs[1].linear).permute(2, 0, 1)
     assert bool(in_band(NIKON, lin, torch.from_numpy(img).permute(2, 0, 1).float() / 255, Band()).all())
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+def test_cli_consistency(tmp_path) -> None:
+    """--consistency on needs an ISP (one line, exit 2, before compute); auto says once that a model has none; with
+    an ISP the written RAW renders back into the input; a JPEG input's band comes from its quality."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from rawdiff_infer.checkpoint import save_checkpoint
+    from rawdiff_infer.cli import cli
+
+    torch.manual_seed(0)
+    net = UNet(TINY_CONFIG)
+    with_isp = save_checkpoint(net, tmp_path / "isp.safetensors", meta=ModelMeta(model=TINY_CONFIG, isp=NIKON))
+    without = save_checkpoint(net, tmp_path / "plain.safetensors", meta=ModelMeta(model=TINY_CONFIG))
+    img = _uint8(rendered(NIKON, 40, 56, seed=16)[1])
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(img).save(tmp_path / "a.jpg", quality=50)
+
+    def run(*args: object):
+        return CliRunner().invoke(cli, [str(a) for a in args])
+
+    r = run(tmp_path / "a.png", "--ckpt", without, "--consistency", "on", "-o", tmp_path / "x.npy")
+    assert r.exit_code == 2 and "isp" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "x.npy").exists()
+    r = run(tmp_path / "a.png", "--ckpt", without, "--steps", "2", "-o", tmp_path / "plain.npy")
+    assert r.exit_code == 0 and r.stdout.count("does not describe its camera's ISP") == 1, r.output
+    r = run(tmp_path / "a.png", "--ckpt", with_isp, "--steps", "2", "-o", tmp_path / "isp.npy")
+    assert r.exit_code == 0 and "does not describe" not in r.output, r.output
+    lin = torch.from_numpy(np.load(tmp_path / "isp.npy")).permute(2, 0, 1)
+    src = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    assert bool(in_band(NIKON, lin, src, Band()).all())
+    assert not bool(in_band(NIKON, torch.from_numpy(np.load(tmp_path / "plain.npy")).permute(2, 0, 1), src,
+                            Band()).all())
+    # a quality-50 JPEG gets jpeg_band(50) levels, not the lossless band: its output may use them
+    r = run(tmp_path / "a.jpg", "--ckpt", with_isp, "--steps", "2", "-o", tmp_path / "jpg.npy")
+    assert r.exit_code == 0, r.output
+    decoded = torch.from_numpy(np.array(Image.open(tmp_path / "a.jpg").convert("RGB"))).permute(2, 0, 1) / 255
+    out = torch.from_numpy(np.load(tmp_path / "jpg.npy")).permute(2, 0, 1)
+    assert bool(in_band(NIKON, out, decoded.float(), Band(jpeg_band(50), 255)).all())
+    assert not bool(in_band(NIKON, out, decoded.float(), Band(0.0, 255)).all())
+    for bad in (["--band", "-1"], ["--band", "nan"], ["--consistency", "maybe"]):
+        r = run(tmp_path / "a.png", "--ckpt", with_isp, *bad, "-o", tmp_path / "y.npy")
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
