@@ -105,7 +105,9 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     x = x.clamp(float(xp[0]), float(xp[-1]))
     i = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    return f0 + (f1 - f0) * ((x - x0) / (x1 - x0))
+    span = x1 - x0  # a strictly increasing table can still hold equal neighbours once rounded to fp32
+    frac = torch.where(span > 0, (x - x0) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+    return f0 + (f1 - f0) * frac
 
 
 @dataclass(frozen=True)

@@ -408,3 +408,14 @@ def test_cli_consistency(tmp_path) -> None:
     for bad in (["--band", "-1"], ["--band", "nan"], ["--consistency", "maybe"]):
         r = run(tmp_path / "a.png", "--ckpt", with_isp, *bad, "-o", tmp_path / "y.npy")
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
+
+
+def test_a_fine_curve_table_inverts_in_fp32_without_nan() -> None:
+    """LibRaw's exact curve is a 4096-entry table whose top entries are equal once rounded to fp32."""
+    top = np.linspace(0, 1, 4096) ** (1 / 2.222)
+    top[-3:] = [1.0 - 2e-9, 1.0 - 1e-9, 1.0]
+    curve = IspCurve(kind="lut", lut=tuple(top.tolist()))
+    y = torch.tensor([0.0, 0.25, 0.5, 1.0 - 1e-8, 1.0])
+    x = curve.inverse(y)
+    assert torch.isfinite(x).all() and bool((x[1:] >= x[:-1]).all())
+    np.testing.assert_allclose(curve.forward(x).numpy(), y.numpy(), atol=1e-6)
