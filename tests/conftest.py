@@ -28,6 +28,20 @@ def perturbed_tiny_model(seed: int = 0):
     return m
 
 
+def generated_photos(folder: Path, count: int) -> Path:
+    """``count`` small generated photos (96 x 96 smooth colour fields with noise, no held-out names) in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96] / 95.0
+    for i in range(count):
+        base = np.stack([yy, xx, 1 - 0.5 * (yy + xx)], -1) * rng.uniform(0.3, 1.0, 3)
+        img = np.clip(base + 0.1 * rng.standard_normal(base.shape), 0, 1)
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

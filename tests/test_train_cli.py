@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import generated_photos
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -29,15 +30,8 @@ FAST = ["--config", "tiny", "--batch-size", "2", "--variants", "1", "--val-count
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four small generated photos (smooth colour fields with texture), no held-out names."""
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:96, 0:96] / 95.0
-    for i in range(4):
-        base = np.stack([yy, xx, 1 - 0.5 * (yy + xx)], -1) * rng.uniform(0.3, 1.0, 3)
-        img = np.clip(base + 0.1 * rng.standard_normal(base.shape), 0, 1)
-        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(d / f"p{i}.png")
-    return d
+    """Four small generated photos, no held-out names."""
+    return generated_photos(tmp_path_factory.mktemp("photos"), 4)
 
 
 def _invoke(args: list[str]):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import generated_photos
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -104,15 +105,8 @@ def test_bundled_model_describes_its_synthetic_camera() -> None:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three small generated photos (colour ramps with noise), no held-out names."""
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:96, 0:96] / 95.0
-    for i in range(3):
-        base = np.stack([yy, xx, 1 - 0.5 * (yy + xx)], -1) * rng.uniform(0.3, 1.0, 3)
-        img = np.clip(base + 0.1 * rng.standard_normal(base.shape), 0, 1)
-        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(d / f"p{i}.png")
-    return d
+    """Three small generated photos, no held-out names."""
+    return generated_photos(tmp_path_factory.mktemp("photos"), 3)
 
 
 def _latest(out: Path) -> Path:
