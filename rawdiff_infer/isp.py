@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .validate import SchemaError, choice, integer, known_keys, number, obj
+from .validate import SchemaError, choice, known_keys, number, obj
 
 __all__ = ["CURVES", "IspCurve", "IspModel", "linear_to_srgb", "srgb_to_linear", "tone_curve",
            "inverse_tone_curve", "MAX_LUT"]

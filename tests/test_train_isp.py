@@ -16,7 +16,6 @@ import pytest
 from conftest import generated_photos
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from rawdiff_infer.camera import CAMERAS, get_camera
 from rawdiff_infer.checkpoint import load_checkpoint, read_meta, save_checkpoint
