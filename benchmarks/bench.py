@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rawdiff_infer.backends.base import Backend
+from rawdiff_infer import cpu as cpu_info
 from rawdiff_infer.model import UNet, UNetConfig, count_flops
 
 __all__ = ["UnetResult", "ImageResult", "bench_unet", "bench_image", "environment", "time_callable",
@@ -84,6 +85,9 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "cpu": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
     env["cpu_count"] = os.cpu_count()
+    env["torch_threads"] = torch.get_num_threads()
+    flags = cpu_info.cpu_flags()
+    env["cpu_bf16"] = ",".join(f for f in cpu_info.BF16_FLAGS if f in flags) or "none"  # native bf16 flags
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_mem_gb=round(p.total_memory / 2**30, 1),

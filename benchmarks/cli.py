@@ -39,6 +39,7 @@ given with --model.
 \b
 Examples:
   rawdiff-bench --device cpu --backend torch --backend onnx --batch 8 --repeats 5
+  rawdiff-bench --device cpu --variant cl --dtype fp32 --dtype bf16 --batch 8 --batch 16 --threads 2
   rawdiff-bench --device cuda --variant compile --variant graph --dtype fp16 --batch 1024 \\
       --photo 2048x2048 --photo 4000x3000 --folder 32 --frame 1280x720 --json gpu.json --plot gpu.png
 """
@@ -62,8 +63,11 @@ def _shape(value: str, what: str) -> tuple[int, int]:
 @click.option("--model", "model_file", help="ONNX file / TensorRT engine / AOTInductor package for those backends.")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["eager", "cl", "compile", "graph"]),
               help="torch variants (default: cl, rawdiff-infer's layout; and eager on CUDA).")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="torch precisions (default: fp32 on CPU, fp16 on CUDA).")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+              help="torch precisions; repeat. Default auto, rawdiff-infer's: fp16 on CUDA; on a CPU bf16 when it has "
+              "avx512_bf16 or AMX, else fp32 (bf16 is emulated there, 10-1000x slower).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="CPU threads of torch's operators "
+              "(torch.set_num_threads; default: torch's, one per core).")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(1, 65536), help="Patch batch sizes (default 64).")
 @click.option("--patch-size", type=click.IntRange(8, 1024), default=64, show_default=True,
               help="Patch side in pixels, a multiple of 8.")
@@ -131,6 +135,8 @@ def _run(p: dict[str, Any], console: Console) -> int:
             read_image(f)
         except ImageError as e:
             raise click.UsageError(first_line(e)) from None
+    if p["threads"]:
+        torch.set_num_threads(p["threads"])
     device = p["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

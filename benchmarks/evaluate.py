@@ -635,9 +635,11 @@ def _load_backend(path: str | os.PathLike[str], device: str, dtype: str) -> Any:
               help="With --crop: K x K crops spread over each image (1: the centre crop).")
 @click.option("--stride", type=click.IntRange(1), default=48, show_default=True)
 @click.option("--grid", type=click.Choice(["overlap", "shifted"]), default="overlap", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), help="Patches per model call (default 64 on CPU, 512 on CUDA).")
+@click.option("--batch-size", type=click.IntRange(1), help="Patches per model call (default 16 on CPU as rawdiff-infer, 512 on CUDA).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="As rawdiff-infer: auto is fp16 on CUDA, bf16 on a CPU with native bf16 (avx512_bf16 or AMX), "
+              "else fp32.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every row and the summary here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PSNR against evaluations (PNG).")
 @click.option("--figure", "figure_path", type=click.Path(dir_okay=False),
@@ -669,18 +671,20 @@ def cli(photos, raw_dir, ckpt, specs, modes, skip, seeds, crop, per_side, stride
     check_report_paths(*reports, force=force)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = dtype if dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+    from rawdiff_infer.cpu import resolve_dtype
+
+    dt, why = resolve_dtype(dtype, device)  # rawdiff-infer's rule: what a user's run gets
     be = _load_backend(model_path, device, dt)
     if be.meta.isp is None and any(c.mode == "on" for c in configs):
         raise click.UsageError(f"--consistency on: the model {show_path(model_path)} does not describe its ISP "
                                "(its description has no 'isp')")
     tiles = TileConfig(patch_size=be.patch_size, stride=stride, grid=grid,
-                       batch_size=batch_size or (512 if device.startswith("cuda") else 64))
+                       batch_size=batch_size or (512 if device.startswith("cuda") else 16))  # as rawdiff-infer
     cases = (photo_cases(photos, be.meta.camera, crop=crop, per_side=per_side) if photos
              else raw_cases(raw_dir, crop=crop, per_side=per_side))
     cf_isp = be.meta.isp if photos else None  # --raw: each file's own render ISP (EvalCase.isp)
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
-    echo(f"{len(cases)} images{f' ({crop}x{crop} crops)' if crop else ''}, {be.describe()}")
+    echo(f"{len(cases)} images{f' ({crop}x{crop} crops)' if crop else ''}, {be.describe()} ({why})")
     shown: dict[str, Any] = {}
 
     def keep(label: str, seed: int, encoded: list[np.ndarray]) -> None:

@@ -20,6 +20,7 @@ from .bench import (IMAGE_COLUMNS, UNET_COLUMNS, ImageResult, UnetResult, bench_
 __all__ = ["BenchPlan", "Report", "load_model", "run_benchmarks", "torch_variant"]
 
 PHOTO_COLUMNS = [("label", "photo", "s"), ("sampler", "sampler", "s"), ("patches", "patches", "d"),
+                 ("evaluated_patches", "model saw", "d"),
                  ("seconds", "s/image", ".3f"), ("unet_bound_s", "U-Net bound s", ".3f"),
                  ("ratio_to_bound", "ratio", ".2f"), ("peak_mem_mb", "peak MiB", ".0f")]
 FOLDER_COLUMNS = [("mode", "loop", "s"), ("frames", "frames", "d"), ("width", "W", "d"), ("height", "H", "d"),
@@ -204,12 +205,27 @@ def _user_view(be: Backend, name: str, b: int, ms_per_patch: float, plan: BenchP
                                            max_pack=d.max_pack))
 
 
+def _dtypes(requested: Sequence[str], device: str, echo: Callable[[str], None]) -> list[str]:
+    """The precisions to measure: auto (also when none is given) is rawdiff-infer's choice for this device (fp16 on
+    CUDA; on a CPU bf16 only with avx512_bf16 or AMX, else fp32: ``rawdiff_infer.cpu``), said once."""
+    from rawdiff_infer.cpu import resolve_dtype
+
+    out = []
+    for d in requested or ("auto",):
+        if d == "auto":
+            d, reason = resolve_dtype("auto", device)
+            echo(f"--dtype auto: {d} ({reason})")
+        if d not in out:
+            out.append(d)
+    return out
+
+
 def run_benchmarks(model: UNet, meta: ModelMeta, plan: BenchPlan, *, device: str,
                    echo: Callable[[str], None] = print) -> Report:
     """Run every requested measurement; returns a Report."""
     cuda = device.startswith("cuda")
     variants = list(plan.variants) or (["eager", "cl"] if cuda else ["cl"])  # cl: rawdiff-infer's layout
-    dtypes = list(plan.dtypes) or (["fp16"] if cuda else ["fp32"])
+    dtypes = _dtypes(plan.dtypes, device, echo)
     report = Report(env={**environment(), "device": device, "model_params_m": round(
         sum(p.numel() for p in model.parameters()) / 1e6, 2)})
     gflop = flops_per_patch(model.config, plan.patch_size) / 1e9
@@ -234,6 +250,6 @@ def run_benchmarks(model: UNet, meta: ModelMeta, plan: BenchPlan, *, device: str
                     report.unet.append(r)
                     if b == max(plan.batches):
                         _images(be, name, b, plan, images, gflop, report, echo)
-                        _user_view(be, name, b, r.ms_median / b, plan, report, echo)
+                        _user_view(be, f"{name} {r.dtype}", b, r.ms_median / b, plan, report, echo)
                     be.close()
     return report

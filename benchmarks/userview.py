@@ -76,6 +76,9 @@ class PhotoResult:
     unet_bound_s: float
     ratio_to_bound: float
     peak_mem_mb: float | None
+    #: patches the model saw (the rest were determined: with consistency, patches without a clipped pixel take the
+    #: closed form); the bound counts these
+    evaluated_patches: int | None = None
 
 
 @dataclass
@@ -129,10 +132,12 @@ def bench_photo(rec: Any, height: int, width: int, *, label: str = "", repeats: 
         out = rec.reconstruct(img, seed=i)
         times.append(time.perf_counter() - t0)
     mpp = ms_per_patch if ms_per_patch is not None else _ms_per_patch(rec.backend, rec.tiles.batch_size)
-    bound = rec.sampler.num_steps * out.patches * mpp / 1000.0
+    evaluated = int(out.extra.get("evaluated_patches", out.patches))
+    bound = rec.sampler.num_steps * evaluated * mpp / 1000.0
     med = statistics.median(times)
     return PhotoResult(label or f"{width}x{height}", width, height, rec.sampler.label(), rec.sampler.num_steps,
-                       out.patches, med, min(times), bound, med / bound, _peak(dev))
+                       out.patches, med, min(times), bound, med / bound if bound else float("nan"), _peak(dev),
+                       evaluated)
 
 
 def bench_folder(rec: Any, frames: int, height: int, width: int, *, modes: tuple[str, ...] = ("sequential",
