@@ -11,8 +11,8 @@ A photo is held out when
   re-encoded ``kodim03.jpg`` are all held out), or
 * its content is byte-identical to a listed photo (sha256), whatever its name (a renamed copy).
 
-The digests are those of the files in ``shared/data/photos`` (see its SOURCES.md) and ``train/photos`` (see
-``train/photos/SOURCES.md``).
+The digests are those of the files in ``shared/data/photos`` (see its SOURCES.md), ``train/photos`` (see
+``train/photos/SOURCES.md``) and ``shared/data/train-photos`` (its SOURCES.md).
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ HELD_OUT_PHOTOS: Mapping[str, str] = {
     "kodim07.png": "b77d3f006f42414bb242222e0482e750c0fb9e5ee8d4bed2f6f11c5605fe54a4",
     "kodim13.png": "bc34a3ce58dea09dce1704c997171602de90cb34d0c8503a988b77f473d39b08",
     "grace_hopper.jpg": "a8ca6d734765703b09728ab47fe59f473d93ae3967fc24c7c0288c3c7adb7130",
+    # eight of shared/data/train-photos (see its SOURCES.md): the held-out set of the ISP-consistency measurements
+    # (benchmarks/RESULTS.md, session 4), one to three per source package, 2.5 to 13.4 MP
+    "lomiri_Dragonfly_by_Bolly.jpg": "af5af17841009732def24b09bb1e669a1b09d2b4bdeee7812c371101c30d2bb3",
+    "lomiri_free_by_Peter_Nerlich.jpg": "85a5453c2fed514c75973016f3d862aca62eb7ca087618822469274ac1092373",
+    "mate_Aqua.jpg": "5c30118205982da441bf7e6a1ada636a8a0be879408140b3148280c665ed6bce",
+    "mate_Garden.jpg": "d3095ee09d425ef23d27155412136cf14fc3c9af76ca58b452f55e23da324e78",
+    "mate_Storm.jpg": "77ca53077831d3237f73393a91fc879158abc046d852941c26e90de336356957",
+    "plasma_ColorfulCups.jpg": "6e0f3a72feb5a4a9fec191b77e34874c3c69e2d93040deb3f07773e73385023d",
+    "plasma_EveningGlow.jpg": "586682dcb362b9f620068f10138f87d0d3649939aef238adc5807cb951976a7a",
+    "plasma_Kite.jpg": "bdca288ce296a981e80659c021cf707caddc702c0c8d4247e60bd618476d47f8",
 }
 
 _STEMS = frozenset(Path(n).stem.lower() for n in HELD_OUT_PHOTOS)
