@@ -335,6 +335,10 @@ class RawReconstructor:
         denoiser = TiledDenoiser(self.backend, conds, self.tiles, steps=self.sampler.num_steps, needed=needed)
         self.last_stats["evaluated_patches"] = denoiser.num_patches
         del conds
+        if skip and denoiser.num_patches == 0:  # nothing was lost: the answer is the closed form, no sampling
+            if progress is not None:
+                progress(self.sampler.num_steps, self.sampler.num_steps)
+            return [cs.q_model(self.gamma) for cs in sets]
         pack = denoiser.pack
         eps_fn_any: TiledDenoiser | ConsistentEps = denoiser
         if sets:

@@ -419,3 +419,21 @@ def test_a_fine_curve_table_inverts_in_fp32_without_nan() -> None:
     x = curve.inverse(y)
     assert torch.isfinite(x).all() and bool((x[1:] >= x[:-1]).all())
     np.testing.assert_allclose(curve.forward(x).numpy(), y.numpy(), atol=1e-6)
+
+
+def test_a_photo_without_clipped_pixels_is_its_closed_form(model: UNet) -> None:
+    """Every patch determined: no model call and no sampling; the output is the closed form (and it renders back to
+    the input exactly)."""
+    raw, _ = rendered(NIKON, 40, 60, seed=17)
+    img = _uint8(NIKON.render(raw * 0.3))
+    calls: list[int] = []
+    be = _backend(model, NIKON)
+    infer = be.infer
+    be.infer = lambda *a, **k: (calls.append(1), infer(*a, **k))[1]  # type: ignore[method-assign]
+    steps: list[tuple[int, int]] = []
+    out = _rec(be).reconstruct(img, seed=0, progress=lambda d, t: steps.append((d, t)))
+    assert not calls and out.extra["evaluated_patches"] == 0 and steps == [(3, 3)]
+    src = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    lin = torch.from_numpy(out.linear).permute(2, 0, 1)
+    np.testing.assert_allclose(lin.numpy(), NIKON.closed_form(src).numpy(), atol=2e-6)
+    assert torch.equal(NIKON.render(lin), src)
