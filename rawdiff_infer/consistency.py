@@ -203,13 +203,15 @@ class ConsistencySet:
 
     def project(self, raw: torch.Tensor) -> torch.Tensor:
         """Linear RAW [3, H, W] -> the projected RAW (module docstring); the identity on the set."""
-        rc = self._clamp_l(raw)
+        l = _mix(self.A, raw)  # once: both the clamp and the "already consistent" test need it
+        lc = torch.clamp(l, self.lo, self.hi)
+        rc = raw + _mix(self.A_inv, lc - l)
         d = rc - self.q
         # the largest s in [0, 1] with q + s d inside [0, 1]^3, per pixel
         room = torch.where(d > 0, (1.0 - self.q) / d, torch.where(d < 0, -self.q / d, torch.ones_like(d)))
         s = room.amin(dim=0, keepdim=True).clamp(0.0, 1.0)
         out = torch.where(s < 1.0, self.q + s * d, rc).clamp_(0.0, 1.0)
-        changed = (self.violation(raw) > 0) | (raw < 0).any(dim=0) | (raw > 1).any(dim=0)
+        changed = (lc != l).any(dim=0) | (raw < 0).any(dim=0) | (raw > 1).any(dim=0)
         return torch.where(changed, out, raw)
 
     def project_model(self, x: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -247,15 +247,17 @@ class IspModel:
         except SchemaError as e:
             raise SchemaError(f"isp.{e}") from None
 
+    def _matrix(self) -> np.ndarray:
+        """A = gain / clip * M in fp64, [3, 3]."""
+        return np.asarray(self.srgb_from_cam, dtype=np.float64).reshape(3, 3) * (self.gain / self.clip)
+
     def forward_matrix(self, like: torch.Tensor) -> torch.Tensor:
         """A = gain / clip * M as a [3, 3] tensor (dtype and device of ``like``): raw -> curve input."""
-        m = np.asarray(self.srgb_from_cam, dtype=np.float64).reshape(3, 3) * (self.gain / self.clip)
-        return torch.as_tensor(m, dtype=like.dtype, device=like.device)
+        return torch.as_tensor(self._matrix(), dtype=like.dtype, device=like.device)
 
     def inverse_matrix(self, like: torch.Tensor) -> torch.Tensor:
         """A^-1 as a [3, 3] tensor (computed in fp64)."""
-        m = np.asarray(self.srgb_from_cam, dtype=np.float64).reshape(3, 3) * (self.gain / self.clip)
-        return torch.as_tensor(np.linalg.inv(m), dtype=like.dtype, device=like.device)
+        return torch.as_tensor(np.linalg.inv(self._matrix()), dtype=like.dtype, device=like.device)
 
     def render(self, raw: torch.Tensor, *, quantize: bool = True) -> torch.Tensor:
         """Linear RAW [..., 3, H, W] -> sRGB in [0, 1] (on the output levels when ``quantize``)."""

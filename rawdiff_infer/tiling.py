@@ -57,13 +57,11 @@ class NonFiniteOutputError(RuntimeError):
 
     Attributes:
         bad: indices (into the pack) of the canvases that hold them; empty when unknown.
-        outputs: per canvas, its finished result, or None for the bad ones (empty when not computed).
     """
 
-    def __init__(self, message: str, *, bad: Sequence[int] = (), outputs: Sequence[Any] = ()) -> None:
+    def __init__(self, message: str, *, bad: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.bad: tuple[int, ...] = tuple(bad)
-        self.outputs: list[Any] = list(outputs)
 
 
 @dataclass(frozen=True)
