@@ -20,8 +20,9 @@ P is the identity on C (pixels already consistent keep their value bit for bit),
 fp32 rounding of the encoding, about 1e-7). It is pointwise: it commutes with the tiler's fusion and runs on any
 device, in fp32, with no host synchronisation (it can live inside a CUDA graph).
 
-``ConsistentEps`` wraps any eps model the way k-diffusion wraps models: x0 from eps, projected, eps recomputed;
-the samplers never know. Pixels of patches the tiler skipped (every pixel determined) take q as their x0.
+``formulation.FormulatedEps`` applies the projection to every x0 prediction the way k-diffusion wraps models: x0
+from the model's output, projected, eps recomputed; the samplers never know. Pixels of patches the tiler skipped
+(every pixel determined) take q as their x0.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import torch
 
 from .isp import IspModel
 
-__all__ = ["Band", "ConsistencyConfig", "ConsistencySet", "ConsistentEps", "DeviceSchedule", "LOSSLESS_BAND",
-           "MODES", "QUANTISATION_BAND", "jpeg_band", "pack_projector"]
+__all__ = ["Band", "ConsistencyConfig", "ConsistencySet", "LOSSLESS_BAND", "MODES", "Projector", "QUANTISATION_BAND",
+           "jpeg_band", "pack_projector"]
 
 #: half the quantisation step, in input levels: every RAW within it renders to a lossless input's own level
 QUANTISATION_BAND = 0.5
@@ -244,67 +245,7 @@ class _Subset:
     violation = ConsistencySet.violation
 
 
-class DeviceSchedule:
-    """alpha_t and sigma_t of a schedule as tensor functions of a tensor t (no host synchronisation; capturable).
-
-    Matches ``schedule.Schedule.alpha_sigma`` (log alpha interpolated linearly between integer steps), in fp64 where
-    the device has it."""
-
-    def __init__(self, log_alphas: np.ndarray, device: torch.device) -> None:
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.table = torch.as_tensor(log_alphas, dtype=dtype, device=device)
-
-    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.table.numel()
-        tt = t.to(self.table.dtype).clamp(0.0, n - 1)
-        i = tt.floor().clamp(max=n - 2).long()
-        frac = tt - i.to(tt.dtype)
-        la = self.table[i] * (1.0 - frac) + self.table[i + 1] * frac
-        return la.exp(), (-torch.expm1(2.0 * la)).sqrt()
-
-
 Projector = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ConsistentEps:
-    """An eps model whose x0 prediction is projected onto the consistent set after every evaluation.
-
-    ``eps(x, t) = (x - alpha_t P(x0)) / sigma_t`` with ``x0 = (W x - sigma_t eps_model) / alpha_t + (1 - W) q``:
-    W is the tiler's coverage by evaluated patches (1 everywhere unless patches were skipped) and q the set's
-    consistent point; the samplers then recover P(x0) from eps (up to fp32 rounding).
-
-    Args:
-        eps_fn: the eps model, ``eps_fn(x, t[, step=k])``, x [B, 3, H, W] or packed [1, L].
-        schedule: the model's ``schedule.Schedule``.
-        project: x0 (layout of x) -> projected x0.
-        fill: None, or (W, q) in the layout of x (coverage and q in model space) where patches are skipped.
-    """
-
-    takes_step = True
-
-    def __init__(self, eps_fn: Callable[..., torch.Tensor], schedule, project: Projector, *,
-                 device: torch.device, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.eps_fn, self.project, self.fill = eps_fn, project, fill
-        self.alpha_sigma = DeviceSchedule(schedule.log_alphas, device)
-        self._step = getattr(eps_fn, "takes_step", False)
-
-    def __getattr__(self, name: str):  # the wrapped denoiser's attributes (pack, check_finite, ...)
-        if name == "eps_fn":
-            raise AttributeError(name)
-        return getattr(self.eps_fn, name)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
-        eps = self.eps_fn(x, t, step=step) if self._step else self.eps_fn(x, t)
-        a, s = self.alpha_sigma(t.reshape(-1))
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        a, s = a.to(torch.float32).view(shape), s.to(torch.float32).view(shape)
-        xf = x.float()
-        if self.fill is None:
-            x0 = (xf - s * eps.float()) / a
-        else:
-            w, q = self.fill
-            x0 = (w * xf - s * eps.float()) / a + (1.0 - w) * q
-        return ((xf - a * self.project(x0)) / s).to(eps.dtype)
 
 
 def pack_projector(sets: Sequence[ConsistencySet], gamma: float, unpack: Callable[[torch.Tensor], list],

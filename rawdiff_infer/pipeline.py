@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .consistency import Band, ConsistencyConfig, ConsistencySet, ConsistentEps, pack_projector
+from .consistency import Band, ConsistencyConfig, ConsistencySet, pack_projector
+from .formulation import FormulatedEps
 from .rawspace import RawEncoding, model_to_unit, srgb_to_model
 from .samplers import DEFAULT_METHOD, SPECS, NoiseSampler, check_options, sample
 from .schedule import Schedule
@@ -175,9 +176,13 @@ class RawReconstructor:
             every x0 prediction is projected onto the RAWs that the ISP renders to the input (``consistency.py``),
             and so is the output. ``consistent`` says whether this reconstructor does it.
 
+    The model's formulation (``meta.formulation``: eps or x0 prediction, over the RAW or its residual over the
+    closed form) is applied by ``formulation.FormulatedEps`` between the tiler and the sampler; a model of the
+    default formulation (eps over the RAW) without consistency runs the tiler's output as it is.
+
     Raises:
         ValueError: an impossible combination (step_graph without its requirements, consistency "on" for a model
-            without an ISP).
+            without an ISP, merge "end" for a model whose formulation is not eps over the RAW).
     """
 
     def __init__(self, backend: Backend, *, sampler: SamplerConfig | None = None,
@@ -195,11 +200,16 @@ class RawReconstructor:
         self.step_graph = step_graph
         self._graphed: GraphedDenoiser | None = None
         self.consistency = consistency or ConsistencyConfig()
+        self.formulation = self.meta.formulation
+        if self.tiles.merge == "end" and not self.formulation.is_default:
+            raise ValueError(f"merge 'end' (the paper's independent patches) runs eps models over the RAW only; this "
+                             f"model is {self.formulation.label()}: use merge 'step'")
         if self.consistency.mode == "on" and self.meta.isp is None:
             raise ValueError("consistency 'on' needs a model that describes its ISP (its description has no 'isp')")
         #: whether x0 predictions and outputs are projected onto the input's consistent set
         self.consistent = self.meta.isp is not None and self.consistency.mode != "off"
         self._graph_set: ConsistencySet | None = None
+        self._graph_eps: FormulatedEps | None = None
         #: details of the last denoise_many call (see there)
         self.last_stats: dict = {}
 
@@ -208,7 +218,7 @@ class RawReconstructor:
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
-        self._graph_set = None
+        self._graph_set = self._graph_eps = None
 
     def patches_for(self, height: int, width: int) -> int:
         """Patches per model evaluation for an image of this size (pixels)."""
@@ -288,8 +298,9 @@ class RawReconstructor:
         return self.meta.encoding.gamma
 
     def _sets(self, conds: Sequence[torch.Tensor], bands: Sequence[Band]) -> list[ConsistencySet]:
-        """Each image's consistent set (empty when not consistent); conds are [3, H, W] in [-1, 1]."""
-        if not self.consistent:
+        """Each image's consistent set (empty when neither consistent nor residual); conds are [3, H, W] in
+        [-1, 1]."""
+        if not (self.consistent or self.formulation.residual):
             return []
         assert self.meta.isp is not None
         sets = [ConsistencySet(self.meta.isp, (c.float() + 1.0) * 0.5, b) for c, b in zip(conds, bands)]
@@ -300,10 +311,47 @@ class RawReconstructor:
         return sets
 
     def _project_output(self, sets: Sequence[ConsistencySet], x0s: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The final projection (exact: the sampler's last x0 is recovered from eps up to fp32 rounding)."""
-        if not sets:
-            return x0s
-        return [cs.project_model(x.reshape(x.shape[-3:]), self.gamma) for cs, x in zip(sets, x0s)]
+        """The sampler's states as RAWs: the closed form added back to a residual, then the final projection
+        (exact: the sampler's last x0 is recovered from eps up to fp32 rounding) or the clamp to [-1, 1]."""
+        x0s = [x.reshape(x.shape[-3:]) for x in x0s]
+        if self.formulation.residual:
+            x0s = [x + cs.q_model(self.gamma) for cs, x in zip(sets, x0s)]
+        if self.consistent:
+            return [cs.project_model(x, self.gamma) for cs, x in zip(sets, x0s)]
+        return x0s if self.formulation.is_default else [x.clamp(-1.0, 1.0) for x in x0s]
+
+    def _sampler_kwargs(self) -> dict:
+        """The sampler's options; for a formulation other than eps over the RAW, the static x0 clamp is done by
+        ``FormulatedEps`` in RAW space (the sampler would clamp the residual)."""
+        kw = self.sampler.kwargs()
+        if not self.formulation.is_default:
+            kw["clip_x0"] = None
+        return kw
+
+    def _transform(self, sets: Sequence[ConsistencySet], unpack: Callable, pack: Callable) -> Callable | None:
+        """What every x0 prediction (RAW, model space) goes through: the projection, or the sampler's clamp."""
+        if self.consistent:
+            return pack_projector(sets, self.gamma, unpack, pack)
+        c = self.sampler.clip_x0
+        if self.formulation.is_default or c is None:
+            return None
+        return lambda x0: x0.clamp(-c, c)
+
+    def _formulated(self, denoiser: TiledDenoiser, sets: Sequence[ConsistencySet], unpack: Callable,
+                    pack: Callable) -> TiledDenoiser | FormulatedEps:
+        """The denoiser as the sampler's eps model (``formulation.FormulatedEps``); itself when nothing is to do."""
+        transform = self._transform(sets, unpack, pack)
+        if transform is None and self.formulation.is_default:
+            return denoiser
+        q = pack([cs.q_model(self.gamma) for cs in sets]) if sets else None
+        offset = q if self.formulation.residual else None
+        fill = None
+        if denoiser.skipping:  # skipped pixels take the closed form: a residual of 0
+            assert q is not None
+            cover = pack([w.expand(3, -1, -1) for w in denoiser.coverage()])
+            fill = (cover, torch.zeros_like(q) if self.formulation.residual else q)
+        return FormulatedEps(denoiser, self.schedule, prediction=self.formulation.prediction,
+                             device=self.backend.device, transform=transform, offset=offset, fill=fill)
 
     # ---- the two ways to run the sampler ----------------------------------------------------------------------
     def _independent(self, img: np.ndarray | torch.Tensor, gen: torch.Generator, progress: Progress | None,
@@ -327,10 +375,10 @@ class RawReconstructor:
         if self.step_graph and len(images) == 1:
             self.last_stats["evaluated_patches"] = self.patches_for(*images[0].shape[:2])
             eps_fn: GraphedDenoiser = self._graphed_for(conds[0][None], sets[0] if sets else None)
-            x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self.sampler.kwargs())
+            x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self._sampler_kwargs())
             eps_fn.check_finite()
             return self._project_output(sets, [x0[0]])
-        skip = self.consistency.skip and sets and self.tiles.grid == "overlap"
+        skip = self.consistency.skip and self.consistent and self.tiles.grid == "overlap"
         needed = [cs.needs_model() for cs in sets] if skip else None
         denoiser = TiledDenoiser(self.backend, conds, self.tiles, steps=self.sampler.num_steps, needed=needed)
         self.last_stats["evaluated_patches"] = denoiser.num_patches
@@ -340,42 +388,33 @@ class RawReconstructor:
                 progress(self.sampler.num_steps, self.sampler.num_steps)
             return [cs.q_model(self.gamma) for cs in sets]
         pack = denoiser.pack
-        eps_fn_any: TiledDenoiser | ConsistentEps = denoiser
-        if sets:
-            eps_fn_any = self._consistent_eps(denoiser, sets, pack)
+        eps_fn_any = self._formulated(denoiser, sets, pack.unpack, pack.pack)
         x0 = sample(eps_fn_any, pack.pack(x_T), self.schedule, noise=packed_noise(pack, gens), callback=progress,
-                    **self.sampler.kwargs())
+                    **self._sampler_kwargs())
         denoiser.check_finite()
         return self._project_output(sets, pack.unpack(x0))
 
-    def _consistent_eps(self, denoiser: TiledDenoiser, sets: Sequence[ConsistencySet], pack: CanvasPack
-                        ) -> ConsistentEps:
-        """The denoiser wrapped so that every x0 prediction is projected (skipped pixels take the closed form)."""
-        project = pack_projector(sets, self.gamma, pack.unpack, pack.pack)
-        fill = None
-        if denoiser.skipping:
-            cover = [w.expand(3, -1, -1) for w in denoiser.coverage()]
-            fill = (pack.pack(cover), pack.pack([cs.q_model(self.gamma) for cs in sets]))
-        return ConsistentEps(denoiser, self.schedule, project, device=self.backend.device, fill=fill)
-
     def _graphed_for(self, cond: torch.Tensor, cs: ConsistencySet | None) -> GraphedDenoiser:
         """The recorded graph for this image size (recorded again when the size changes or consistency starts);
-        the projection, when consistent, is recorded in the same graph and reads the set's tensors in place."""
+        the formulation and the projection are recorded in the same graph and read the set's tensors (and the
+        residual's offset) in place."""
         same = self._graphed is not None and self._graphed.canvas_shape == tuple(cond.shape)
         if same and (cs is None) == (self._graph_set is None):
             assert self._graphed is not None
             self._graphed.set_condition(cond)
             if cs is not None and self._graph_set is not None:
                 self._graph_set.load_(cs)
+                offset = self._graph_eps.offset if self._graph_eps is not None else None
+                if offset is not None:
+                    offset.copy_(cs.q_model(self.gamma)[None])
             return self._graphed
         self.close()
         denoiser = TiledDenoiser(self.backend, cond, self.tiles, steps=self.sampler.num_steps)
-        wrapped = None
-        if cs is not None:
-            self._graph_set = cs
-            project = pack_projector([cs], self.gamma, lambda x: list(x.unbind(0)), torch.stack)
-            wrapped = ConsistentEps(denoiser, self.schedule, project, device=self.backend.device)
-        self._graphed = GraphedDenoiser(denoiser, eps_fn=wrapped)
+        wrapped = self._formulated(denoiser, [cs] if cs is not None else [], lambda x: list(x.unbind(0)),
+                                   torch.stack)
+        self._graph_set = cs
+        self._graph_eps = wrapped if isinstance(wrapped, FormulatedEps) else None
+        self._graphed = GraphedDenoiser(denoiser, eps_fn=self._graph_eps)
         return self._graphed
 
 

@@ -14,7 +14,8 @@ from conftest import TINY_CONFIG
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
 from rawdiff_infer.consistency import (JPEG_BANDS, LOSSLESS_BAND, QUANTISATION_BAND, Band, ConsistencyConfig,
-                                       ConsistencySet, ConsistentEps, jpeg_band)
+                                       ConsistencySet, jpeg_band)
+from rawdiff_infer.formulation import FormulatedEps
 from rawdiff_infer.isp import IspCurve, IspModel
 from rawdiff_infer.model import UNet
 from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
@@ -186,7 +187,8 @@ def test_consistent_eps_recovers_the_projected_x0() -> None:
     sched = Schedule(ModelMeta(model=TINY_CONFIG).schedule)
     gen = torch.Generator().manual_seed(0)
     eps_model = lambda x, t: torch.randn(x.shape, generator=gen)  # noqa: E731
-    wrapped = ConsistentEps(eps_model, sched, lambda x0: torch.stack([cs.project_model(c, 2.2) for c in x0]),
+    wrapped = FormulatedEps(eps_model, sched, prediction="eps",
+                            transform=lambda x0: torch.stack([cs.project_model(c, 2.2) for c in x0]),
                             device=torch.device("cpu"))
     x = torch.randn((1, 3, 16, 24), generator=gen)
     t = torch.tensor([300.0])
