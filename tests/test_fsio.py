@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import threading
 
 import pytest
 
-from rawdiff_infer.fsio import (NotRegularFileError, OutputExistsError, atomic_path, atomic_write, check_regular,
-                                live_temporaries, open_regular, remove_live_temporaries, sha256_file, write_bytes)
+from rawdiff_infer import fsio
+from rawdiff_infer.fsio import (InputReplaceError, NotRegularFileError, OutputExistsError, atomic_path, atomic_write,
+                                check_regular, check_target, input_named, live_temporaries, open_append,
+                                open_regular, reading, remove_live_temporaries, sha256_file, write_bytes)
 
 
 def _temps(d):
@@ -97,3 +101,106 @@ def test_refuse_non_regular_files(tmp_path):
     with open_regular(tmp_path / "f") as f:
         assert f.read() == b"abc"
     assert sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+# ---- issue 23: data loss, debris on a full disk, long UTF-8 names, logs -------------------------------------------
+
+class _FullDisk(io.FileIO):
+    """A file on a full disk: every write fails with ENOSPC (so the buffered file's close fails again)."""
+
+    def write(self, b):  # noqa: ANN001, ANN201
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_leaves_no_temporary_even_when_close_fails_again(tmp_path, monkeypatch):
+    real = fsio._new_temporary
+
+    def on_full_disk(target):  # noqa: ANN001, ANN202
+        f, tmp = real(target)
+        f.close()
+        return io.BufferedRandom(_FullDisk(tmp, "r+b")), tmp
+
+    monkeypatch.setattr(fsio, "_new_temporary", on_full_disk)
+    with pytest.raises(OSError) as info:
+        write_bytes(tmp_path / "x.npy", b"data that never reaches the disk")
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == [] and live_temporaries() == []
+
+
+def test_full_disk_through_dev_full(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(NotRegularFileError):
+        check_target("/dev/full", overwrite=True)  # a device is never an output
+
+
+@pytest.mark.parametrize("char", ["\u00e9", "\u8a9e", "\U0001f4f7"])
+@pytest.mark.parametrize("size", [237, 240, 251])
+def test_long_multibyte_names_get_a_valid_temporary_name(tmp_path, char, size):
+    n = (size - len(".npy")) // len(char.encode())
+    name = char * n + ".npy"
+    assert len(name.encode()) <= 255
+    write_bytes(tmp_path / name, b"x")
+    assert os.listdir(tmp_path) == [name]
+    tmp = fsio.temporary_name(name, "0" * 12)
+    assert len(tmp.encode()) <= 255 and tmp.encode().decode() == tmp  # a whole character was cut, never half
+
+
+def test_a_file_the_run_reads_is_never_replaced_not_even_with_overwrite(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"the model")
+    os.link(model, tmp_path / "hard.json")
+    os.symlink(model, tmp_path / "soft.json")
+    with reading([model, None]):
+        for target in (model, tmp_path / "hard.json", tmp_path / "soft.json"):
+            with pytest.raises(InputReplaceError, match="a file this run reads"):
+                check_target(target, overwrite=True)
+            with pytest.raises(InputReplaceError):
+                write_bytes(target, b"a report", overwrite=True)
+        assert input_named(tmp_path / "hard.json") == str(model)
+    assert model.read_bytes() == b"the model" and not _temps(tmp_path)
+    write_bytes(tmp_path / "hard.json", b"now an output", overwrite=True)  # outside the run it may be replaced
+    assert model.read_bytes() == b"the model"
+
+
+def test_a_folder_declared_read_covers_its_files(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "rawdiff.json").write_bytes(b"{}")
+    with reading([tmp_path / "shards"]):
+        with pytest.raises(InputReplaceError):
+            write_bytes(tmp_path / "shards" / "rawdiff.json", b"x", overwrite=True)
+
+
+def test_a_dangling_symlink_is_named_as_such(tmp_path):
+    link = tmp_path / "out.npy"
+    os.symlink(tmp_path / "nowhere", link)
+    with pytest.raises(OutputExistsError, match="dangling symbolic link"):
+        check_target(link, overwrite=False)
+    with pytest.raises(OutputExistsError, match="dangling symbolic link") as info:
+        write_bytes(link, b"x")
+    assert "appeared" not in str(info.value)
+    check_target(link, overwrite=True)
+    write_bytes(link, b"x", overwrite=True)
+    assert not link.is_symlink() and link.read_bytes() == b"x"
+
+
+def test_check_target(tmp_path):
+    check_target(tmp_path / "new", overwrite=False)
+    (tmp_path / "old").write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_target(tmp_path / "old", overwrite=False)
+    check_target(tmp_path / "old", overwrite=True)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(NotRegularFileError, match="FIFO"):
+        check_target(tmp_path / "pipe", overwrite=True)
+
+
+def test_open_append_refuses_a_fifo_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "log.csv")
+    with pytest.raises(NotRegularFileError, match="FIFO"):
+        open_append(tmp_path / "log.csv")
+    with open_append(tmp_path / "real.csv") as f:
+        f.write(b"a\n")
+    with open_append(tmp_path / "real.csv") as f:
+        f.write(b"b\n")
+    assert (tmp_path / "real.csv").read_bytes() == b"a\nb\n"
