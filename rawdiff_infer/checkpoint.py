@@ -41,7 +41,7 @@ from .messages import first_line, show_path
 from .model import UNet, UNetConfig
 from .rawspace import RawEncoding
 from .schedule import ScheduleConfig
-from .validate import SchemaError, choice, obj
+from .validate import SchemaError, choice, int_list, obj, string
 
 __all__ = ["ModelMeta", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_meta", "parse_description",
            "file_sha256", "FORMAT", "MAX_PARAMETERS"]
@@ -107,6 +107,9 @@ def parse_description(text: str | bytes, where: str) -> tuple[ModelMeta, dict[st
         where: what to name in the error (usually the file, shown with ``messages.show_path``).
     Returns (ModelMeta, the parsed JSON object). Raises CheckpointError: ``"<where>: <problem>"``.
     """
+    if not isinstance(text, (str, bytes)):  # e.g. a safetensors metadata value that is an object or null
+        kind = {dict: "an object", list: "a list", type(None): "null", bool: "a boolean"}.get(type(text), "a number")
+        raise CheckpointError(f"{where}: the rawdiff description must be JSON text, got {kind}")
     if len(text) > _MAX_DESCRIPTION_BYTES:
         raise CheckpointError(f"{where}: description larger than {_MAX_DESCRIPTION_BYTES >> 20} MiB")
     try:
@@ -220,9 +223,11 @@ def _header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[st
     table: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, info in header.items():
         try:
-            table[name] = (str(info["dtype"]), tuple(int(v) for v in info["shape"]))
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{show_path(path)}: unreadable safetensors header (tensor {name!r})") from None
+            info = obj(info, f"tensor {name!r}")
+            table[name] = (string(info.get("dtype"), f"tensor {name!r}: dtype", max_len=16),
+                           int_list(info.get("shape"), f"tensor {name!r}: shape", 0, 1 << 40, max_len=8))
+        except SchemaError as e:
+            raise CheckpointError(f"{show_path(path)}: unreadable safetensors header ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{show_path(path)}: unreadable safetensors metadata")
     return table, meta

@@ -26,7 +26,14 @@ from torch import nn
 
 from .validate import SchemaError, boolean, int_list, integer, known_keys, number, obj
 
-__all__ = ["UNetConfig", "UNet", "timestep_embedding", "count_parameters", "count_flops"]
+__all__ = ["UNetConfig", "UNet", "timestep_embedding", "count_parameters", "count_flops", "MAX_PATCH_FLOPS",
+           "MAX_ATTENTION_TOKENS"]
+
+#: the most compute one patch of a described U-Net may take (FLOPs, 2 per multiply-add): the load self-test runs one
+#: patch of ``patch_size``, so this bounds it (the paper's U-Net: 7.8 GFLOP per 64x64 patch)
+MAX_PATCH_FLOPS = 1_000_000_000_000
+#: the most positions one self-attention layer may attend over in one patch (128 x 128: 16384^2 scores per head)
+MAX_ATTENTION_TOKENS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -79,13 +86,97 @@ class UNetConfig:
         object.__setattr__(self, "dropout", number(self.dropout, "dropout", 0.0, 1.0, hi_open=True))
         boolean(self.mid_block, "mid_block")
         integer(self.patch_size, "patch_size", 8, 1024)
-        for m in mults:
-            ch = self.base_channels * m
+        self._check_runnable()
+        self._check_compute()
+
+    def _check_runnable(self) -> None:
+        """Combinations of valid fields that torch could not build or run, refused naming the field."""
+        if self.channel_mults[0] != 1:
+            raise SchemaError(f"channel_mults: the first stage must be 1 (its output feeds the last layers, which "
+                              f"work at base_channels), got {list(self.channel_mults)}")
+        if self.base_channels % 2:
+            raise SchemaError(f"base_channels: must be even (the timestep embedding is base_channels/2 sine-cosine "
+                              f"pairs), got {self.base_channels}")
+        for ch in self._widths():
             if ch % self.groups:
                 raise SchemaError(f"groups: stage width {ch} is not divisible by groups={self.groups}")
-        if self.patch_size % (2 ** (len(mults) - 1)):
+        for stage, ch in self._attention_widths():
+            heads = max(1, ch // self.head_channels)
+            if ch % heads:
+                raise SchemaError(f"head_channels: {stage}'s width {ch} does not divide into its {heads} attention "
+                                  f"heads ({ch} // head_channels {self.head_channels})")
+        if self.patch_size % (2 ** (len(self.channel_mults) - 1)):
             raise SchemaError(f"patch_size: {self.patch_size} is not divisible by 2**(stages-1) = "
-                              f"{2 ** (len(mults) - 1)}")
+                              f"{2 ** (len(self.channel_mults) - 1)}")
+
+    def _check_compute(self) -> None:
+        """The compute one patch implies (the load self-test runs one patch of ``patch_size``), bounded."""
+        p = self.patch_size
+        tokens, stage = self.attention_tokens(p)
+        if tokens > MAX_ATTENTION_TOKENS:
+            side = math.isqrt(MAX_ATTENTION_TOKENS)
+            field = "mid_block" if stage == "the bottleneck" else "attention_stages"
+            raise SchemaError(f"{field}: {stage} attends over {tokens} positions of a {p}x{p} patch "
+                              f"(patch_size={p}), more than rawdiff accepts ({MAX_ATTENTION_TOKENS} = {side}x{side})")
+        flops = self.patch_flops(p)
+        if flops > MAX_PATCH_FLOPS:
+            raise SchemaError(f"patch_size: one {p}x{p} patch of this U-Net costs {flops / 1e9:.0f} GFLOP, more than "
+                              f"rawdiff accepts ({MAX_PATCH_FLOPS / 1e9:.0f} GFLOP)")
+
+    def _widths(self) -> list[int]:
+        return [self.base_channels * m for m in self.channel_mults]
+
+    def _attention_widths(self) -> list[tuple[str, int]]:
+        """(where, channels) of every self-attention layer: the attention stages, and the bottleneck."""
+        widths = self._widths()
+        out = [(f"stage {i}", widths[i]) for i in self.attention_stages]
+        return out + ([("the bottleneck", widths[-1])] if self.mid_block else [])
+
+    def attention_tokens(self, patch: int) -> tuple[int, str]:
+        """The most positions one self-attention layer attends over on a ``patch`` x ``patch`` input, and
+        where (0 and "" without attention)."""
+        last = len(self.channel_mults) - 1
+        res = {f"stage {i}": i for i in self.attention_stages} | ({"the bottleneck": last} if self.mid_block else {})
+        found = [((patch >> i) ** 2, where) for where, i in res.items()]
+        return max(found, key=lambda f: f[0], default=(0, ""))
+
+    def patch_flops(self, patch: int, batch: int = 1) -> int:
+        """Forward FLOPs (2 per multiply-add, as ``count_flops`` counts them) for ``batch`` patches of ``patch``
+        pixels, in closed form (no tensor is made)."""
+        ch0, temb, widths = self.base_channels, self.base_channels * self.time_embed_mult, self._widths()
+        heads_at = {i for i in self.attention_stages}
+
+        def conv(res: int, cin: int, cout: int, k: int) -> int:
+            return 2 * res * res * cin * cout * k * k
+
+        def res_block(res: int, cin: int, cout: int) -> int:
+            return conv(res, cin, cout, 3) + 2 * temb * cout + conv(res, cout, cout, 3) + \
+                (conv(res, cin, cout, 1) if cin != cout else 0)
+
+        def attention(res: int, c: int) -> int:
+            n = res * res
+            return conv(res, c, 3 * c, 1) + conv(res, c, c, 1) + 4 * n * n * c
+
+        total = 2 * ch0 * temb + 2 * temb * temb + conv(patch, self.in_channels + self.cond_channels, ch0, 3)
+        cin = ch0
+        for i, ch in enumerate(widths):  # encoder
+            r = patch >> i
+            total += conv(r, cin, cin, 3) if i > 0 else 0
+            total += sum(res_block(r, cin if j == 0 else ch, ch) for j in range(self.num_res_blocks))
+            total += attention(r, ch) if i in heads_at else 0
+            cin = ch
+        r_low = patch >> (len(widths) - 1)
+        if self.mid_block:
+            total += 2 * res_block(r_low, widths[-1], widths[-1]) + attention(r_low, widths[-1])
+        cin = widths[-1]
+        for i in reversed(range(len(widths))):  # decoder
+            r, ch = patch >> i, widths[i]
+            total += sum(res_block(r, (cin + ch) if j == 0 else ch, ch) for j in range(self.num_res_blocks))
+            total += attention(r, ch) if i in heads_at else 0
+            total += conv(r * 2, ch, widths[i - 1], 3) if i > 0 else 0
+            cin = widths[i - 1] if i > 0 else ch
+        total += conv(patch, ch0, self.out_channels, 3)
+        return batch * total
 
     @classmethod
     def tiny(cls) -> "UNetConfig":

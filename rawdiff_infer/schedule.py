@@ -16,10 +16,13 @@ import torch
 
 from .validate import SchemaError, choice, integer, known_keys, number, obj
 
-__all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS", "MAX_TIMESTEPS"]
+__all__ = ["ScheduleConfig", "Schedule", "Spacing", "SPACINGS", "MAX_TIMESTEPS", "MAX_ABS_LAMBDA"]
 
 #: the longest training schedule a description may declare (its tables are T float64 values each)
 MAX_TIMESTEPS = 100_000
+#: the largest |lambda_t| (half the log-SNR) a schedule may reach at either end: alpha_t and sigma_t stay above
+#: e^-30 ~ 1e-13, so every table, grid and sampler coefficient is finite and fp32 keeps them normal numbers
+MAX_ABS_LAMBDA = 30.0
 
 Spacing = Literal["linspace", "leading", "trailing", "time-uniform", "logSNR", "karras"]
 SPACINGS: tuple[str, ...] = ("linspace", "leading", "trailing", "time-uniform", "logSNR", "karras")
@@ -47,6 +50,31 @@ class ScheduleConfig:
                                                     hi_open=True))
         if not self.beta_start < self.beta_end:
             raise SchemaError(f"beta_end: must be above beta_start ({self.beta_start:g}), got {self.beta_end:g}")
+        self._check_tables()
+
+    def betas(self) -> np.ndarray:
+        """beta_1 .. beta_T, float64."""
+        if self.kind == "scaled_linear":
+            return np.linspace(np.sqrt(self.beta_start), np.sqrt(self.beta_end), self.num_timesteps,
+                               dtype=np.float64) ** 2
+        return np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
+
+    def _check_tables(self) -> None:
+        """Refuse a degenerate schedule: alphabar must fall strictly from below 1 to above 0 in float64, with the
+        log-SNR lambda finite and within +-MAX_ABS_LAMBDA at both ends (no underflow to 0, no noiseless t = 0)."""
+        ac = np.cumprod(1.0 - self.betas())
+        with np.errstate(divide="ignore"):
+            lam = 0.5 * (np.log(ac[[0, -1]]) - np.log(-np.expm1(np.log(ac[[0, -1]]))))
+        if not (np.isfinite(lam[0]) and lam[0] <= MAX_ABS_LAMBDA):
+            raise SchemaError(f"beta_start: {self.beta_start:g} leaves almost no noise at t = 0 (alphabar_0 = "
+                              f"{float(ac[0]):.17g}); half the log-SNR must stay within +-{MAX_ABS_LAMBDA:g}")
+        if not (np.isfinite(lam[1]) and lam[1] >= -MAX_ABS_LAMBDA):
+            raise SchemaError(f"beta_end: alphabar_T = {ac[-1]:.3g} with num_timesteps={self.num_timesteps} "
+                              f"(underflows towards 0); half the log-SNR must stay within +-{MAX_ABS_LAMBDA:g}, "
+                              f"i.e. alphabar_T >= {np.exp(-2 * MAX_ABS_LAMBDA):.1g}")
+        if np.any(np.diff(ac) >= 0):
+            raise SchemaError(f"beta_start: {self.beta_start:g} is too small for float64 (alphabar_t does not "
+                              "decrease at every step)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_timesteps": self.num_timesteps,
@@ -71,13 +99,8 @@ class Schedule:
 
     def __init__(self, config: ScheduleConfig | None = None) -> None:
         self.config = config or ScheduleConfig()
-        c = self.config
-        if c.kind == "scaled_linear":
-            betas = np.linspace(np.sqrt(c.beta_start), np.sqrt(c.beta_end), c.num_timesteps, dtype=np.float64) ** 2
-        else:
-            betas = np.linspace(c.beta_start, c.beta_end, c.num_timesteps, dtype=np.float64)
-        self.betas = betas
-        self.alphas_cumprod = np.cumprod(1.0 - betas)
+        self.betas = self.config.betas()
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
         self.log_alphas = 0.5 * np.log(self.alphas_cumprod)
 
     @property

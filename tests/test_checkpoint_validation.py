@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rawdiff_infer.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from rawdiff_infer.model import UNet
+from rawdiff_infer.checkpoint import CheckpointError, ModelMeta, load_checkpoint, read_meta, save_checkpoint
+from rawdiff_infer.model import MAX_ATTENTION_TOKENS, MAX_PATCH_FLOPS, UNet, UNetConfig, count_flops
+from rawdiff_infer.validate import SchemaError
 
 from conftest import TINY_CONFIG
 
@@ -113,6 +115,29 @@ BAD_FIELDS.update({
 })
 
 
+def _model(**changes):
+    """The tiny U-Net's ``model`` section with ``changes``: each field valid alone, the combination maybe not."""
+    return {**TINY_CONFIG.to_dict(), **changes}
+
+
+BAD_FIELDS.update({  # valid field by field; torch could not build or run them, or they cost hours per patch
+    "model: odd base_channels": ("model", _model(base_channels=9, groups=1, head_channels=9), "even"),
+    "model: first multiplier 2": ("model", _model(channel_mults=[2, 2, 2, 2]), "channel_mults"),
+    "model: heads of unequal width": ("model", _model(head_channels=10), "head_channels"),
+    "model: bottleneck heads of unequal width": ("model", _model(attention_stages=[], head_channels=10),
+                                                 "head_channels"),
+    "model: attention at stage 0, patch 1024": ("model", _model(attention_stages=[0, 1, 2, 3], patch_size=1024),
+                                                "attention_stages"),
+    "model: 1 TFLOP per patch": ("model", _model(base_channels=128, attention_stages=[], mid_block=False,
+                                                 patch_size=1024, groups=8), "GFLOP"),
+    "schedule: alphabar underflows to 0": ("schedule", {"kind": "linear", "num_timesteps": 100000,
+                                                        "beta_start": 0.5, "beta_end": 0.9}, "underflows"),
+    "schedule: alphabar below 1e-26": ("schedule", {"kind": "linear", "num_timesteps": 2000,
+                                                    "beta_start": 0.01, "beta_end": 0.06}, "beta_end"),
+    "schedule: no noise at t = 0": ("schedule.beta_start", 1e-300, "beta_start"),
+})
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FIELDS))
 def test_bad_description_field(tiny_dir, tmp_path, case):
     field_path, value, words = BAD_FIELDS[case]
@@ -146,7 +171,8 @@ def test_single_file_description_that_is_a_list(tmp_path):
 
 
 def test_huge_declared_architecture_is_refused_before_it_is_built(tiny_dir, tmp_path):
-    d = _tamper(tiny_dir, tmp_path / "big", _set("model.base_channels", 1024))
+    # 8-pixel patches: 1 G parameters within the compute bound of one patch (20 GFLOP)
+    d = _tamper(tiny_dir, tmp_path / "big", lambda d: _set("model.patch_size", 8)(_set("model.base_channels", 1024)(d)))
     t = time.perf_counter()
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(d)
@@ -219,3 +245,144 @@ def test_shard_names_must_stay_in_the_folder(tiny_dir, tmp_path):
         d = _tamper(tiny_dir, tmp_path / f"t{abs(hash(name))}", _set("shards", [name]))
         with pytest.raises(CheckpointError, match="plain file name"):
             load_checkpoint(d)
+
+
+def _single_file(tmp_path: Path, name: str, edit) -> Path:
+    """The tiny model as one safetensors file whose JSON header went through ``edit(header dict)``."""
+    good = save_checkpoint(UNet(TINY_CONFIG), tmp_path / "good.safetensors", overwrite=True)
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header, allow_nan=True).encode()
+    p = tmp_path / name
+    p.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return p
+
+
+def _first_tensor(header: dict) -> dict:
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+HOSTILE_HEADERS = {  # name -> (edit, words)
+    "description is an object": (lambda h: h["__metadata__"].update(rawdiff=json.loads(h["__metadata__"]["rawdiff"])),
+                                 "an object"),
+    "description is null": (lambda h: h["__metadata__"].update(rawdiff=None), "null"),
+    "description is a number": (lambda h: h["__metadata__"].update(rawdiff=3), "a number"),
+    "shape of Infinity": (lambda h: _first_tensor(h).update(shape=[float("inf")]), "shape"),
+    "fractional shape": (lambda h: _first_tensor(h).update(shape=[16.5]), "shape"),
+    "negative shape": (lambda h: _first_tensor(h).update(shape=[-16]), "shape"),
+    "shape is null": (lambda h: _first_tensor(h).update(shape=None), "shape"),
+    "dtype is an object": (lambda h: _first_tensor(h).update(dtype={"F32": 1}), "dtype"),
+    "tensor is null": (lambda h: h.update({next(k for k in h if k != "__metadata__"): None}), "JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_HEADERS))
+def test_hostile_safetensors_header_is_one_line(tmp_path, case):
+    edit, words = HOSTILE_HEADERS[case]
+    p = _single_file(tmp_path, "m.safetensors", edit)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(p)) and words in msg, msg
+
+
+@pytest.mark.parametrize("case", ["description is an object", "shape of Infinity"])
+def test_hostile_header_refused_by_the_command_with_exit_2(tmp_path, case):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from rawdiff_infer.cli import cli
+
+    p = _single_file(tmp_path, "m.safetensors", HOSTILE_HEADERS[case][0])
+    img = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), (120, 90, 60)).save(img)
+    r = CliRunner().invoke(cli, [str(img), "--ckpt", str(p), "--steps", "1", "-o", str(tmp_path / "out"),
+                                 "--format", "npy"])
+    assert r.exit_code == 2, (r.exit_code, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "m.safetensors" in lines[0] and "internal error" not in lines[0], r.stderr
+
+
+def test_the_30kb_checkpoint_with_attention_at_stage_0_is_refused_at_once(tmp_path):
+    """The hostile case: valid field by field, an hour of self-test (1024x1024 positions attending)."""
+    from safetensors.torch import save_file
+
+    cfg = dict(base_channels=8, channel_mults=[1], attention_stages=[0], head_channels=8, groups=4,
+               mid_block=False, patch_size=1024)
+    meta = json.loads(ModelMeta().to_json())
+    meta["model"] = {**meta["model"], **cfg}
+    with torch.device("meta"):
+        names = {k: v.shape for k, v in UNet(UNetConfig(**{**cfg, "patch_size": 64})).state_dict().items()}
+    p = tmp_path / "small.safetensors"
+    save_file({k: torch.zeros(s) for k, s in names.items()}, str(p), metadata={"rawdiff": json.dumps(meta)})
+    assert p.stat().st_size < 64_000
+    t = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(p)
+    assert time.perf_counter() - t < 5.0
+    assert str(e.value).startswith(str(p)) and "model.attention_stages: stage 0 attends over 1048576" in str(e.value)
+
+
+def test_closed_form_flops_equal_the_flop_counter():
+    """UNetConfig.patch_flops (what the bound uses) against torch's FlopCounterMode on the module (count_flops)."""
+    configs = [UNetConfig(), TINY_CONFIG,
+               UNetConfig(base_channels=12, channel_mults=(1, 3, 2), num_res_blocks=2, attention_stages=(0, 2),
+                          head_channels=4, groups=2, time_embed_mult=3, mid_block=False, patch_size=32)]
+    for cfg in configs:
+        with torch.device("meta"):
+            model = UNet(cfg)
+        for p in (cfg.patch_size, 2 * cfg.patch_size):
+            assert cfg.patch_flops(p, batch=2) == count_flops(model, p, batch=2)
+    assert UNetConfig().patch_flops(64) == 7_774_175_232  # the paper's 7.8 GFLOP
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _unvalidated(**fields) -> UNetConfig:
+    """A UNetConfig built without its checks (to show that what the checks refuse, torch cannot run)."""
+    cfg = object.__new__(UNetConfig)
+    for f in dataclasses.fields(UNetConfig):
+        object.__setattr__(cfg, f.name, fields.get(f.name, f.default))
+    return cfg
+
+
+def _runs_on_meta(cfg: UNetConfig) -> bool:
+    try:
+        with torch.device("meta"):
+            model = UNet(cfg)
+            x = torch.zeros(1, 3, cfg.patch_size, cfg.patch_size)
+            model(x, x, torch.zeros(1))
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+@seed(20261207)
+@settings(max_examples=80, deadline=None)
+@given(base=st.integers(1, 40), mults=st.lists(st.integers(1, 4), min_size=1, max_size=4), blocks=st.integers(1, 2),
+       attn=st.sets(st.integers(0, 3), max_size=4), heads=st.integers(1, 48), groups=st.sampled_from([1, 2, 3, 4, 8]),
+       mid=st.booleans(), patch=st.sampled_from([8, 16, 32, 64, 128, 1024]))
+def test_a_description_is_accepted_exactly_when_torch_can_run_it_within_bounds(base, mults, blocks, attn, heads,
+                                                                               groups, mid, patch):
+    fields = dict(base_channels=base, channel_mults=tuple(mults), num_res_blocks=blocks,
+                  attention_stages=tuple(sorted(a for a in attn if a < len(mults))), head_channels=heads,
+                  groups=groups, mid_block=mid, patch_size=patch)
+    try:
+        cfg = UNetConfig(**fields)
+    except SchemaError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg.split(":")[0] in {f.name for f in dataclasses.fields(UNetConfig)}, msg
+        if msg.split(":")[0] in ("base_channels", "groups", "head_channels", "channel_mults"):  # unrunnable
+            assert not _runs_on_meta(_unvalidated(**{**fields, "patch_size": 8 * 2 ** len(mults)}))
+        else:  # refused for its compute or its patch size: bounded
+            assert patch % 2 ** (len(mults) - 1) or (
+                _unvalidated(**fields).patch_flops(patch) > MAX_PATCH_FLOPS
+                or _unvalidated(**fields).attention_tokens(patch)[0] > MAX_ATTENTION_TOKENS), msg
+        return
+    assert cfg.patch_flops(patch) <= MAX_PATCH_FLOPS and cfg.attention_tokens(patch)[0] <= MAX_ATTENTION_TOKENS
+    assert _runs_on_meta(dataclasses.replace(cfg, patch_size=min(patch, 64)))

@@ -58,3 +58,28 @@ def test_bad_arguments() -> None:
         Schedule().timesteps(0)
     with pytest.raises(ValueError):
         Schedule().timesteps(10, "bogus")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs, field, words", [
+    (dict(kind="linear", num_timesteps=100_000, beta_start=0.5, beta_end=0.9), "beta_end", "underflows"),
+    (dict(kind="linear", num_timesteps=2000, beta_start=0.01, beta_end=0.06), "beta_end", "alphabar_T"),
+    (dict(beta_start=1e-300, beta_end=0.02), "beta_start", "no noise"),
+    (dict(kind="linear", num_timesteps=2, beta_start=1e-17, beta_end=1e-16), "beta_start", "no noise"),
+])
+def test_degenerate_schedules_are_refused(kwargs, field, words) -> None:
+    """alphabar underflowing to 0 (log-SNR -inf: NaN grids and sampler coefficients) or staying at 1 (no noise)."""
+    with pytest.raises(ValueError) as e:
+        ScheduleConfig(**kwargs)
+    assert str(e.value).startswith(f"{field}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(kind="linear", beta_start=1e-4, beta_end=0.02),
+                                    dict(kind="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=4000),
+                                    dict(num_timesteps=2, beta_start=1e-6, beta_end=0.999)])
+def test_accepted_schedules_give_finite_grids(kwargs) -> None:
+    s = Schedule(ScheduleConfig(**kwargs))
+    assert np.all(np.diff(s.alphas_cumprod) < 0) and s.alphas_cumprod[-1] > 0
+    for spacing in SPACINGS:
+        ts = s.timesteps(2, spacing)
+        a, sg = s.alpha_sigma(ts)
+        assert np.all(np.isfinite(ts)) and np.all(np.isfinite(s.lambda_(ts))) and np.all(a > 0) and np.all(sg > 0)
