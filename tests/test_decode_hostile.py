@@ -629,3 +629,62 @@ def test_fuzz_mutated_headers(tmp_path, capfd, case):
             assert d.pixels.dtype in (np.uint8, np.uint16)
     err = capfd.readouterr().err
     assert err == "", err
+
+
+
+# ---------------------------------------------------------------------------------------------- scan bombs
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a JPEG (a scan's end includes its entropy-coded data)."""
+    out, i = [], 2
+    while i < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:
+            out.append((marker, i, i + 2))
+            break
+        j = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            while not (data[j] == 0xFF and data[j + 1] != 0 and not 0xD0 <= data[j + 1] <= 0xD7):
+                j += 1
+        out.append((marker, i, j))
+        i = j
+    return out
+
+
+def test_progressive_jpeg_with_thousands_of_scans_refused_at_once(tmp_path):
+    """A small progressive JPEG whose one AC scan is repeated 5000 times (libjpeg decodes every repeat: one pass
+    over every block each; minutes for a large image) is refused from its markers before decoding."""
+    import time
+
+    from rawdiff_infer.io.jpeg import MAX_JPEG_SCANS, count_jpeg_scans
+
+    b = io.BytesIO()
+    Image.new("RGB", (2048, 2048), (128, 128, 128)).save(b, "JPEG", quality=90, progressive=True)
+    data = b.getvalue()
+    scans = [(s, e) for m, s, e in _jpeg_segments(data) if m == 0xDA]
+    assert count_jpeg_scans(data) == len(scans) == 10
+    s, e = min(scans, key=lambda se: se[1] - se[0])  # a tiny AC scan: EOB runs only
+    bomb = data[:e] + data[s:e] * 5000 + data[e:]
+    assert len(bomb) < 1_000_000 and count_jpeg_scans(bomb) == 5010
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(bomb)
+    t = time.perf_counter()
+    one_line_error(path, f"more than {MAX_JPEG_SCANS} scans")
+    assert time.perf_counter() - t < 2.0
+    ok = tmp_path / "ok.jpg"  # the ordinary progressive file still decodes
+    ok.write_bytes(data)
+    assert read_image(ok).pixels.shape == (2048, 2048, 3)
+
+
+def test_scan_count_skips_segments_and_stuffed_bytes():
+    """An EXIF thumbnail's SOS inside APP1 is not counted; 0xFF 0x00 and restart markers inside a scan's data are
+    not marker boundaries."""
+    from rawdiff_infer.io.jpeg import count_jpeg_scans
+
+    thumb = encode(picture(8, 8), "JPEG")
+    app1 = b"\xff\xe1" + (len(thumb) + 2).to_bytes(2, "big") + thumb
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x12\xff\x00\x34\xff\xd3\x56"
+    data = b"\xff\xd8" + app1 + sos + sos + b"\xff\xd9" + sos
+    assert count_jpeg_scans(data) == 2
+    assert count_jpeg_scans(data, stop_above=0) == 1
+    assert count_jpeg_scans(b"not a jpeg") == 0 and count_jpeg_scans(b"\xff\xd8\xff\xda\x00") == 0

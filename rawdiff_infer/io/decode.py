@@ -73,7 +73,7 @@ from PIL import Image, ImageCms, ImageFile, ImageOps
 
 from ..fsio import NotRegularFileError, open_regular
 from ..messages import first_line, show_path
-from .jpeg import estimate_jpeg_quality
+from .jpeg import MAX_JPEG_SCANS, count_jpeg_scans, estimate_jpeg_quality
 
 __all__ = ["ImageError", "DecodedImage", "read_image", "is_supported_image", "SUPPORTED_INPUT_SUFFIXES",
            "RAW_SUFFIXES"]
@@ -316,6 +316,7 @@ class _LibtiffSilencer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._setters: tuple[Any, Any] | None = None
+        self._has_codec: Any = None
         self._resolved = False
 
     def _resolve(self) -> tuple[Any, Any] | None:
@@ -331,9 +332,21 @@ class _LibtiffSilencer:
                 for fn in setters:
                     fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
                 self._setters = setters
+                has_codec = lib.TIFFIsCODECConfigured
+                has_codec.restype, has_codec.argtypes = ctypes.c_int, [ctypes.c_uint16]
+                self._has_codec = has_codec
             except (ImportError, OSError, AttributeError):
                 logger.debug("libtiff handlers not found: libtiff messages are not silenced", exc_info=True)
         return self._setters
+
+    def decodes(self, compression: int) -> bool:
+        """True when Pillow's libtiff has a codec for TIFF ``compression`` (``TIFFIsCODECConfigured``; True when
+        libtiff cannot be asked: Pillow then judges the file itself)."""
+        with self._lock:
+            self._resolve()
+        if self._has_codec is None or not 0 <= compression <= 0xFFFF:
+            return self._has_codec is None
+        return bool(self._has_codec(compression))
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
@@ -676,7 +689,7 @@ def _decode_tiff(fh: BinaryIO, shown: str, size: int, limit: int | None, notes: 
         return _decode_pillow(fh, shown, limit, notes, tiff_reason=_note(first_line(exc)))
     with tif:
         page, layout = _inspect_tiff(shown, tif, size, limit, notes)
-        if layout.for_pillow():
+        if layout.for_pillow() and _LIBTIFF.decodes(int(page.compression)):
             decoded = _tiff_by_pillow(fh, shown, layout, limit, notes)
             if decoded is not None:
                 return decoded
@@ -788,6 +801,7 @@ def _decode_tiff_array(fh: BinaryIO, shown: str, tif: tifffile.TiffFile, page: t
                        layout: _TiffLayout, limit: int | None, notes: list[str]) -> _Decoded:
     """Decode the first page with tifffile: colour samples kept, scaled to 8 or 16 bits, oriented, ICC applied.
     Falls back to Pillow (at 8 bits, with a note) when tifffile lacks the codec and Pillow can decode it."""
+    _refuse_missing_codec(shown, int(page.compression))
     try:
         arr = page.asarray(maxworkers=1)
     except MemoryError:
@@ -822,6 +836,24 @@ def _decode_tiff_array(fh: BinaryIO, shown: str, tif: tifffile.TiffFile, page: t
             return _finish_array(shown, rgb, "TIFF", orientation, None, notes, icc_converted=True)
         arr, icc = rgb, None  # the naive conversion's result is taken as sRGB; the CMYK profile no longer fits
     return _finish_array(shown, arr, "TIFF", orientation, icc, notes)
+
+
+def _refuse_missing_codec(shown: str, compression: int) -> None:
+    """ImageError naming the codec when neither tifffile (with imagecodecs, if installed) nor Pillow's libtiff can
+    decode TIFF ``compression``: the file is not corrupt, this installation lacks its codec."""
+    if compression in tifffile.TIFF.DECOMPRESSORS or _LIBTIFF.decodes(compression):
+        return
+    try:
+        name = tifffile.COMPRESSION(compression).name
+    except ValueError:
+        name = "unknown"
+    try:
+        import imagecodecs  # noqa: F401 - optional: tifffile's codecs
+        fix = "neither imagecodecs nor Pillow's libtiff has that codec"
+    except ImportError:
+        fix = "install imagecodecs (pip install imagecodecs), which has most TIFF codecs"
+    raise ImageError(f"{shown}: TIFF compression {name} ({compression}) cannot be decoded here: {fix}; or save the "
+                     "TIFF uncompressed, or with LZW or Deflate")
 
 
 def _pillow_fallback(fh: BinaryIO, shown: str, limit: int | None, notes: list[str],
@@ -1059,6 +1091,8 @@ def _decode_pillow(fh: BinaryIO, shown: str, limit: int | None, notes: list[str]
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 notes.append(f"{frames} frames/pages: using the first")
+        if fmt == "JPEG":
+            _refuse_scan_bomb(fh, shown)
         if img.format == "PNG":
             png16 = _decode_png16(fh, shown, img, notes)
             if png16 is not None:
@@ -1070,6 +1104,18 @@ def _decode_pillow(fh: BinaryIO, shown: str, limit: int | None, notes: list[str]
         if tiff_extra:
             notes.append(tiff_extra)
         return _from_pillow(shown, img, fmt, notes)
+
+
+def _refuse_scan_bomb(fh: BinaryIO, shown: str) -> None:
+    """ImageError for a JPEG of more than ``MAX_JPEG_SCANS`` scans (libjpeg walks every block once per scan: a
+    small file of thousands of scans takes minutes); counted from the markers before any decoding."""
+    pos = fh.tell()
+    fh.seek(0)
+    data = fh.read()
+    fh.seek(pos)
+    if count_jpeg_scans(data, stop_above=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise ImageError(f"{shown}: JPEG with more than {MAX_JPEG_SCANS} scans refused (decoding it would take "
+                         "minutes; a progressive JPEG has about 10)")
 
 
 def _decode_png16(fh: BinaryIO, shown: str, img: Image.Image, notes: list[str]) -> _Decoded | None:
@@ -1160,14 +1206,36 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+def _icc_test_image() -> Image.Image:
+    """Every 8-bit level of grey, red, green and blue, and a 6 x 6 x 6 colour cube: 1240 RGB pixels."""
+    levels = np.arange(256, dtype=np.uint8)
+    ramps = [np.stack([levels * (c == k) if k < 3 else levels for c in range(3)], axis=-1) for k in range(4)]
+    cube = np.stack(np.meshgrid(*[np.linspace(0, 255, 6).astype(np.uint8)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return Image.fromarray(np.concatenate([*ramps, cube])[None])
+
+
+#: the most an 8-bit value may move through a profile judged sRGB (rounding of curves stored as tables)
+_SRGB_TOLERANCE = 2
+
+
+@lru_cache(maxsize=32)
 def _is_srgb_profile(icc: bytes) -> bool:
-    """True when the profile's description says sRGB; False otherwise, also for an unreadable profile (which
-    ``_apply_icc`` then reports)."""
+    """True when the profile renders like sRGB: an RGB profile through which the test image (``_icc_test_image``)
+    goes to sRGB with no 8-bit value moving by more than ``_SRGB_TOLERANCE``. Judged by content, never by the
+    profile's name (a linear profile named "... sRGB" is not sRGB). False otherwise, also for an unreadable profile
+    (which ``_apply_icc`` then reports)."""
     try:
-        desc = ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc)))
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if src.profile.xcolor_space.strip() != "RGB":
+            return False
+        test = _icc_test_image()
+        out = ImageCms.profileToProfile(test, src, _srgb_profile(), renderingIntent=ImageCms.Intent.PERCEPTUAL,
+                                        outputMode="RGB")
     except Exception:  # noqa: BLE001 - judged (and warned about) in _apply_icc
         return False
-    return "srgb" in desc.lower()
+    assert out is not None
+    diff = np.abs(np.asarray(out, dtype=np.int16) - np.asarray(test, dtype=np.int16))
+    return int(diff.max()) <= _SRGB_TOLERANCE
 
 
 def _apply_icc(img: Image.Image, icc: bytes | None, notes: list[str], *,

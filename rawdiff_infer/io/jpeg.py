@@ -14,9 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+import re
+
 import numpy as np
 
-__all__ = ["estimate_jpeg_quality", "ijg_table"]
+__all__ = ["estimate_jpeg_quality", "ijg_table", "count_jpeg_scans", "MAX_JPEG_SCANS"]
+
+#: the most scans (SOS markers) a JPEG may hold: libjpeg's progressive scripts write 6 (grey) or 10 (colour),
+#: optimising encoders a few dozen; each scan costs a pass over every block of the image
+MAX_JPEG_SCANS = 256
 
 #: JPEG standard (Annex K.1) luminance table, natural (row-major) order
 _LUMA = (
@@ -162,3 +168,43 @@ def estimate_jpeg_quality(tables: Mapping[Any, Any] | Sequence[Any] | None) -> i
     means = _ijg_tables(False, baseline).mean(axis=1)  # falls as quality rises
     dist = np.abs(means - float(luma.mean()))
     return int(np.flatnonzero(dist == dist.min())[-1]) + 1
+
+
+#: the marker that ends a scan's entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart marker
+#: (RST0-7) nor a fill byte
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+#: markers without a length field: TEM, RST0-7, SOI
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+
+
+def count_jpeg_scans(data: bytes, *, stop_above: int | None = None) -> int:
+    """The number of scans (SOS markers) of the first image of a JPEG, read from its marker structure: segments
+    are skipped by their lengths (an EXIF thumbnail's markers are not counted), a scan's entropy-coded data up to
+    the next marker. Counting stops once above ``stop_above``. A malformed structure ends the count (the decoder
+    then judges the file); 0 for data that is not a JPEG. Never raises."""
+    if not data.startswith(b"\xff\xd8"):
+        return 0
+    i, scans, n = 2, 0, len(data)
+    while i + 1 < n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            break
+        i += 2 + length
+        if marker == 0xDA:
+            scans += 1
+            if stop_above is not None and scans > stop_above:
+                break
+            end = _SCAN_END.search(data, i)
+            if end is None:
+                break
+            i = end.start()
+    return scans
