@@ -580,3 +580,35 @@ def test_described_camera_carries_the_isp_gain_as_baseline_exposure() -> None:
     assert cam.color_matrix == CAMERAS["nikon-d700"].color_matrix
     r = IspRandomization(raw_white=(0.25, 0.25))
     assert camera_isp.described_camera(CAMERAS["nikon-d700"], r).baseline_exposure == pytest.approx(2.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Photos: one decoder for training and inference
+# --------------------------------------------------------------------------------------------------------------
+
+def test_load_photo_reads_a_16bit_grey_png_like_rawdiff_infer(tmp_path):
+    """A 16-bit grey PNG (Pillow mode I;16) was read as all white by rawdiff-train (Pillow's convert('RGB')
+    clips I;16 at 255); load_photo is read_image rounded to 8 bits."""
+    from rawdiff_infer.io import read_image
+
+    ramp16 = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 65535 // (64 * 48 - 1)).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    px = data.load_photo(tmp_path / "g16.png")
+    decoded = read_image(tmp_path / "g16.png")
+    assert decoded.bit_depth == 16 and px.dtype == np.uint8 and px.shape == (48, 64, 3)
+    expected = ((ramp16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    assert np.array_equal(px, np.repeat(expected[..., None], 3, axis=2))
+    assert px.min() == 0 and px.max() == 255 and len(np.unique(px)) == 256
+
+
+def test_load_photo_shares_the_decoders_refusals_and_orientation(tmp_path):
+    rgb = (np.random.default_rng(1).random((12, 20, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(tmp_path / "o.png", exif=exif.tobytes())
+    assert np.array_equal(data.load_photo(tmp_path / "o.png"), np.rot90(rgb, -1))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    with pytest.raises(data.PhotoError) as e:
+        data.load_photo(tmp_path / "x.png")
+    assert str(e.value).startswith(f"{tmp_path / 'x.png'}: cannot read the photo (") and "\n" not in str(e.value)
+    assert set(data.PHOTO_EXTENSIONS) >= {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}

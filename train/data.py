@@ -29,11 +29,11 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 from rawdiff_infer.camera import Camera
 from rawdiff_infer.fsio import atomic_write
-from rawdiff_infer.messages import first_line, show_path
+from rawdiff_infer.io import SUPPORTED_INPUT_SUFFIXES, ImageError, read_image
+from rawdiff_infer.messages import show_path
 from rawdiff_infer.rawspace import RawEncoding
 
 from . import fivek
@@ -61,7 +61,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+#: what the decoder reads (``rawdiff_infer.io.SUPPORTED_INPUT_SUFFIXES``): training reads what inference reads
+PHOTO_EXTENSIONS = tuple(sorted(SUPPORTED_INPUT_SUFFIXES))
 
 #: photos shipped with the package (licences in its SOURCES.md; grace_hopper.jpg there is held out)
 BUNDLED_PHOTOS_DIR = Path(__file__).resolve().parent / "photos"
@@ -120,18 +121,21 @@ def list_photos(folders: str | os.PathLike[str] | Iterable[str | os.PathLike[str
 
 
 def load_photo(path: str | os.PathLike[str]) -> np.ndarray:
-    """An sRGB photo as H x W x 3 uint8 (EXIF orientation applied, alpha dropped, greyscale expanded).
+    """An sRGB photo as H x W x 3 uint8, decoded by rawdiff-infer's decoder (``rawdiff_infer.io.read_image``: one
+    policy for formats, 16-bit files, ICC profiles, orientation and alpha in both commands); 16 bits are rounded to
+    8 (``round(v * 255 / 65535)``).
 
     Raises:
-        PhotoError: the file is missing, unreadable or not an image Pillow can decode (one-line message).
+        PhotoError: the file is missing, unreadable or refused by the decoder (one-line message naming the file).
     """
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise PhotoError(f"{show_path(path)}: cannot read the photo ({why})") from e
+        pixels = read_image(path).pixels
+    except ImageError as e:
+        why = str(e).removeprefix(f"{show_path(path)}: ")
+        raise PhotoError(f"{show_path(path)}: cannot read the photo ({why})") from None
+    if pixels.dtype == np.uint16:
+        pixels = ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return pixels
 
 
 # --------------------------------------------------------------------------------------------------------------
