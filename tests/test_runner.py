@@ -3,6 +3,10 @@ errors stay per image; packing follows order and size only; nothing is left behi
 
 from __future__ import annotations
 
+import gc
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,8 @@ from rawdiff_infer.checkpoint import ModelMeta
 from rawdiff_infer.io import ImageError, read_image, write_npy
 from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
 from rawdiff_infer.plan import Job
-from rawdiff_infer.runner import FolderRunner
-from rawdiff_infer.tiling import TileConfig
+from rawdiff_infer.runner import FolderRunner, Outcome, Prefetch, pack
+from rawdiff_infer.tiling import NonFiniteOutputError, TileConfig
 
 
 class PatchwiseModel:
@@ -139,3 +143,189 @@ def test_pinned_copies_on_the_copy_stream_give_the_same_result_on_cuda(tmp_path:
     for p, job in zip(srcs, jobs):
         alone = rec.reconstruct(read_image(p).pixels, seed=5).encoded
         assert np.abs(np.load(job.outputs["npy"]) - alone).max() < 1e-3
+
+
+# ---- issue 23 ------------------------------------------------------------------------------------------------------
+def _returns_within(fn, seconds: float):
+    """fn() in a daemon thread: (its result, its exception); fails the test if it has not returned within ``seconds``
+    (a deadlocked run must not hang the test session)."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"the run was still blocked after {seconds} s"
+    return box.get("value"), box.get("error")
+
+
+def test_a_bug_in_the_write_stage_ends_the_run_while_the_decoder_is_busy(tmp_path: Path) -> None:
+    """Issue 23, bug 1: the write stage fails while the calling thread waits for the next decoded image; the run
+    must end with the write stage's error, not wait forever."""
+    srcs = _folder(tmp_path, [(40, 40)] * 4)
+    rec = RawReconstructor(PatchwiseModel(), sampler=SamplerConfig(method="dpm", steps=1),  # type: ignore[arg-type]
+                           tiles=TileConfig(stride=48, batch_size=8))
+
+    failed = threading.Event()
+
+    def slow_decode(job: Job) -> np.ndarray:
+        if job.source not in srcs[:2]:  # the decode queue is empty when the first write fails
+            failed.wait(10)
+            time.sleep(0.2)
+        return read_image(job.source).pixels
+
+    def broken_write(job, r, px):
+        time.sleep(0.3)  # the calling thread is waiting for the next decoded image by now
+        failed.set()
+        raise ZeroDivisionError("a bug")
+
+    runner = FolderRunner(rec, decode=slow_decode, write=broken_write, seed=0, fail_on=(ImageError,), max_pack=1)
+    _, error = _returns_within(lambda: runner.run([Job(p, {"npy": tmp_path / (p.stem + ".npy")}) for p in srcs]),
+                               20)
+    assert isinstance(error, ZeroDivisionError)
+
+
+def test_outcomes_are_streamed_not_kept(tmp_path: Path) -> None:
+    """Issue 23, bug 2: a result is released once its outcome has been reported (the run keeps only verdicts)."""
+    srcs = _folder(tmp_path, [(40, 40)] * 4)
+    rec = RawReconstructor(PatchwiseModel(), sampler=SamplerConfig(method="dpm", steps=1),  # type: ignore[arg-type]
+                           tiles=TileConfig(stride=48, batch_size=8))
+    earlier: list[weakref.ref] = []
+    alive_then: list[int] = []
+
+    def on_outcome(o: Outcome) -> None:
+        gc.collect()
+        alive_then.append(sum(r() is not None for r in earlier))
+        assert o.result is not None
+        earlier.append(weakref.ref(o.result.encoded))
+
+    outcomes = _runner(rec, max_pack=1, on_outcome=on_outcome).run(
+        [Job(p, {"npy": tmp_path / (p.stem + ".npy")}) for p in srcs])
+    assert [o.ok for o in outcomes] == [True] * 4
+    assert alive_then == [0, 0, 0, 0]
+
+
+def test_a_failed_download_fails_that_image_only(tmp_path: Path) -> None:
+    """Issue 23, bug 2: the copy to the host (a page-locked allocation on CUDA) failing fails its image, named."""
+    srcs = _folder(tmp_path, [(40, 40)] * 4)
+    rec = RawReconstructor(PatchwiseModel(), sampler=SamplerConfig(method="dpm", steps=1),  # type: ignore[arg-type]
+                           tiles=TileConfig(stride=48, batch_size=8))
+    runner = FolderRunner(rec, decode=lambda j: read_image(j.source).pixels,
+                          write=lambda j, r, px: write_npy(j.outputs["npy"], r.encoded), seed=5,
+                          fail_on=(ImageError, OSError, MemoryError), max_pack=2)
+    download = runner.transfer.download
+    calls = []
+
+    def failing_download(tensor: torch.Tensor):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("cannot allocate 288 MB of page-locked memory")
+        return download(tensor)
+
+    runner.transfer.download = failing_download  # type: ignore[method-assign]
+    outcomes = runner.run([Job(p, {"npy": tmp_path / (p.stem + ".npy")}) for p in srcs])
+    by_name = {o.job.source.name: o for o in outcomes}
+    assert [by_name[p.name].ok for p in srcs] == [True, False, True, True]
+    assert "img1.png" in by_name["img1.png"].message and "page-locked" in by_name["img1.png"].message
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["img0.npy", "img2.npy", "img3.npy"]
+
+
+class NaNOnBlack(PatchwiseModel):
+    """PatchwiseModel that returns NaN for the patches of a black image (its condition is -1 everywhere)."""
+
+    def __call__(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = super().__call__(x, c, t)
+        black = (c <= -0.999).flatten(1).all(1)
+        return torch.where(black[:, None, None, None], torch.full_like(eps, float("nan")), eps)
+
+
+def test_a_nan_image_fails_alone_and_is_named(tmp_path: Path) -> None:
+    """Issue 23: one image whose model output is NaN fails alone, with its name; the images packed with it get
+    their one-by-one results."""
+    srcs = _folder(tmp_path, [(40, 50), (40, 40), (30, 60)])
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(srcs[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    rec = RawReconstructor(NaNOnBlack(), sampler=SamplerConfig(method="dpm", steps=3),  # type: ignore[arg-type]
+                           tiles=TileConfig(stride=48, batch_size=16))
+    runner = FolderRunner(rec, decode=lambda j: read_image(j.source).pixels,
+                          write=lambda j, r, px: write_npy(j.outputs["npy"], r.encoded), seed=5,
+                          fail_on=(ImageError, OSError, NonFiniteOutputError), max_pack=4)
+    jobs = [Job(p, {"npy": out / (p.stem + ".npy")}) for p in srcs]
+    outcomes = runner.run(jobs)
+    by_name = {o.job.source.name: o for o in outcomes}
+    assert [by_name[p.name].ok for p in srcs] == [True, False, True]
+    assert runner.stats.pack_sizes == [3]  # they were packed together
+    assert "img1.png" in by_name["img1.png"].message and "NaN" in by_name["img1.png"].message
+    for i in (0, 2):
+        alone = rec.reconstruct(read_image(srcs[i]).pixels, seed=5).encoded
+        assert np.array_equal(np.load(jobs[i].outputs["npy"]), alone)
+
+
+def test_pack_is_a_function_of_order_and_cost() -> None:
+    costs = [1, 1, 16, 1, None, 1, 1, 3]
+    groups = list(pack(range(len(costs)), lambda i: costs[i], budget=4, max_pack=2))
+    # a failed item (cost None) passes alone at once, the group being filled stays open
+    assert groups == [[0, 1], [2], [4], [3, 5], [6, 7]]
+    assert list(pack([], lambda i: 1, budget=4, max_pack=2)) == []
+
+
+def test_prefetch_raises_the_producers_error_in_the_consumer_after_its_items() -> None:
+    def source():
+        yield 1
+        yield 2
+        raise ZeroDivisionError("in the decode thread")
+
+    got = []
+    with pytest.raises(ZeroDivisionError, match="decode thread"):
+        with Prefetch(source(), depth=1) as it:
+            for x in it:
+                got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetch_close_stops_the_producer() -> None:
+    produced = []
+
+    def source():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    it = Prefetch(source(), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert not it._thread.is_alive()
+    assert len(produced) <= 5
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+@pytest.mark.gpu
+def test_results_on_cuda_hold_no_page_locked_memory(tmp_path: Path) -> None:
+    """Issue 23, bug 2, on a GPU: an outcome's RAW owns its memory (no ``.base`` chain to the pinned buffer)."""
+    from rawdiff_infer.backends.torch import TorchBackend
+    from rawdiff_infer.model import UNet
+
+    torch.manual_seed(0)
+    be = TorchBackend(UNet(TINY_CONFIG), ModelMeta(model=TINY_CONFIG), device="cuda")
+    srcs = _folder(tmp_path, [(64, 96), (30, 40)])
+    rec = RawReconstructor(be, sampler=SamplerConfig(method="dpm", steps=2), tiles=TileConfig(batch_size=64))
+    chains: list[list[object]] = []
+
+    def on_outcome(o: Outcome) -> None:
+        assert o.result is not None
+        chain, a = [], o.result.encoded
+        while a is not None:
+            chain.append(a)
+            a = getattr(a, "base", None)
+        chains.append(chain)
+
+    outcomes = _runner(rec, on_outcome=on_outcome).run([Job(p, {"npy": tmp_path / (p.stem + ".npy")}) for p in srcs])
+    assert all(o.ok for o in outcomes) and len(chains) == 2
+    assert not any(isinstance(b, torch.Tensor) for chain in chains for b in chain)
