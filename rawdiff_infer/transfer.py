@@ -1,15 +1,18 @@
-"""Host <-> device copies that overlap compute: page-locked staging and a dedicated CUDA copy stream.
+"""Host <-> device copies that overlap compute: page-locked staging and one CUDA copy stream per direction.
 
 On CUDA:
 - ``stage`` (called from the decode thread) puts a decoded image in page-locked (pinned) memory, in the compact
   form the model space is made from (uint8, or int32 for 16-bit images);
-- ``upload`` copies it to the GPU on the copy stream, without blocking the host, and makes the compute stream wait
-  for that copy only;
-- ``download`` starts the copy of a result back into pinned host memory on the copy stream, after the compute
+- ``upload`` copies it to the GPU on the upload stream, without blocking the host, and makes the compute stream
+  wait for that copy only;
+- ``download`` starts the copy of a result back into pinned host memory on the download stream, after the compute
   stream has produced it, and returns at once; ``PendingHost.result()`` (called from the write thread) waits for
-  that copy alone.
+  that copy alone and copies the array out of the pinned buffer, which it releases.
 
-So the copies run beside the next pack's compute. On the CPU all three are plain hand-overs.
+The two directions have a stream each because a download must wait for the compute that produces its result: on
+a shared stream, the next pack's upload would queue behind that download, and so behind the whole previous
+compute, and the next compute behind both. With a stream per direction, pack k+1's upload runs while pack k is
+still computing, and pack k's download runs beside pack k+1's compute. On the CPU all three are plain hand-overs.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ class DeviceTransfer:
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        #: host -> device copies (None on the CPU)
+        self.upload_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        #: device -> host copies, each after the compute that produces its tensor (None on the CPU)
+        self.download_stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def stage(self, pixels: np.ndarray) -> torch.Tensor:
         """A decoded H x W x 3 image as a host tensor ready to upload (pinned on CUDA)."""
@@ -67,11 +73,12 @@ class DeviceTransfer:
         """The staged image on the device; the compute (current) stream waits for the copy."""
         if not self.cuda:
             return staged
-        assert self.stream is not None
-        with torch.cuda.stream(self.stream):
+        up = self.upload_stream
+        assert up is not None
+        with torch.cuda.stream(up):
             dev = staged.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self.stream)
+            done.record(up)
         torch.cuda.current_stream(self.device).wait_event(done)
         dev.record_stream(torch.cuda.current_stream(self.device))
         return dev
@@ -80,12 +87,13 @@ class DeviceTransfer:
         """Start copying ``tensor`` (produced on the current stream) to pinned host memory; returns at once."""
         if not self.cuda:
             return PendingHost(tensor.detach().cpu())
-        assert self.stream is not None
+        down = self.download_stream
+        assert down is not None
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+        down.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(down):
             host.copy_(tensor, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self.stream)
-        tensor.record_stream(self.stream)  # the caching allocator must not reuse it before the copy ends
+            done.record(down)
+        tensor.record_stream(down)  # the caching allocator must not reuse it before the copy ends
         return PendingHost(host, done)
