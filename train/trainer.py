@@ -324,7 +324,8 @@ class Trainer:
         d = Path(ckpt_dir)
         if not (d / "train_state.safetensors").exists():
             raise FileNotFoundError(f"{d}: no train_state.safetensors (not a rawdiff-train checkpoint)")
-        ema, _ = load_checkpoint(d / "model.safetensors", device=self.device)
+        ema, stored = load_checkpoint(d / "model.safetensors", device=self.device)
+        check_resumable(stored, dataclasses.replace(self.meta, model=self.model.config), d)  # never mix two runs
         self.ema.load_state_dict(ema.state_dict())
         tensors = load_file(str(d / "train_state.safetensors"))
         scalars = json.loads((d / "train_state.json").read_text())
@@ -464,3 +465,31 @@ def train(source: BatchSource, out_dir: str | os.PathLike, **kwargs: Any) -> Tra
     tr = Trainer(source, out_dir, **kwargs)
     tr.run()
     return tr
+
+
+class ResumeMismatch(ValueError):
+    """``--resume`` of a checkpoint whose description differs from this run's (one line naming the folder)."""
+
+
+#: what a resumed run must share with the checkpoint it continues (the ISP is compared by the command, with a
+#: tolerance), and the options of rawdiff-train that set it
+_RESUMED_FIELDS = {"model": "--config", "schedule": "--schedule", "camera": "--camera", "encoding": "",
+                   "formulation": ""}
+
+
+def check_resumable(stored: ModelMeta, meta: ModelMeta, where: str | os.PathLike) -> None:
+    """Raise :class:`ResumeMismatch` when ``stored`` (the description of the checkpoint ``where``) differs from this
+    run's ``meta`` in its U-Net, noise schedule, camera, RAW encoding or formulation: resuming would mix them."""
+    from rawdiff_infer.messages import show_path
+
+    for name, option in _RESUMED_FIELDS.items():
+        old, new = getattr(stored, name, None), getattr(meta, name, None)
+        if old == new:
+            continue
+        a = old.to_dict() if hasattr(old, "to_dict") else {"": old}
+        b = new.to_dict() if hasattr(new, "to_dict") else {"": new}
+        key = next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), "")
+        field = f"{name}.{key}" if key else name
+        hint = f"the same {option}" if option else "the same options"
+        raise ResumeMismatch(f"{show_path(where)} was trained with {field} = {a.get(key)!r}, this run has "
+                             f"{b.get(key)!r}; resume with {hint}, or train into a new --out")
