@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,7 +35,7 @@ from typing import Literal
 import torch
 
 from rawdiff_infer import __version__
-from rawdiff_infer.backends.aoti import AOTI_FORMAT, AotiBackend, current_target
+from rawdiff_infer.backends.aoti import AOTI_FORMAT, AotiBackend, current_target, read_aoti_info
 from rawdiff_infer.backends.base import BackendError
 from rawdiff_infer.checkpoint import ModelMeta, file_sha256, load_checkpoint
 from rawdiff_infer.fsio import OutputExistsError, atomic_path
@@ -42,7 +43,7 @@ from rawdiff_infer.model import UNet
 
 from .onnx_export import ExportError, FloatOutput, default_out_dir, export_patch_size, output_stem
 
-__all__ = ["AotiExport", "aoti_parity", "default_aoti_path", "export_aoti", "export_checkpoint_aoti"]
+__all__ = ["AotiExport", "aoti_parity", "build_device", "default_aoti_path", "export_aoti", "export_checkpoint_aoti"]
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,26 @@ def export_aoti(model: UNet, meta: ModelMeta, path: str | os.PathLike[str], *, d
     return out
 
 
-def _check_options(model: UNet, device: str | torch.device, precision: AotiPrecision | None,
-                   patch_size: int | None, max_batch: int) -> tuple[torch.device, str, int]:
-    """(device, precision, patch size) checked; ExportError (one line) otherwise."""
+def build_device(device: str | torch.device) -> torch.device:
+    """The device a package is built for, with its index: "cuda" is the current GPU (``cuda:N``), not GPU 0.
+    ExportError (one line) for another device type, a CUDA device torch does not see."""
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ExportError(f"AOTInductor packages are built for cpu or cuda, not {dev.type}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise ExportError("a CUDA package must be built on the GPU that will run it, and torch sees no CUDA device")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if not 0 <= index < torch.cuda.device_count():
+        raise ExportError(f"no GPU cuda:{index} here (torch sees {torch.cuda.device_count()})")
+    return torch.device("cuda", index)
+
+
+def _check_options(model: UNet, device: str | torch.device, precision: AotiPrecision | None,
+                   patch_size: int | None, max_batch: int) -> tuple[torch.device, str, int]:
+    """(device with its index, precision, patch size) checked; ExportError (one line) otherwise."""
+    dev = build_device(device)
     prec = precision or _default_precision(dev)
     if prec not in _DTYPES:
         raise ExportError(f"unknown precision {prec!r}; choose fp32, fp16 or bf16")
@@ -129,7 +142,7 @@ def _compile(model: UNet, dev: torch.device, prec: str, p: int, max_batch: int, 
             torch.tensor([1.0, 999.0], device=dev))  # batch 2: 0 and 1 would be specialised by torch.export
     batch = torch.export.Dim("N", min=1, max=max_batch)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
             program = torch.export.export(FloatOutput(m), args, dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
         buf = io.BytesIO()
         from torch._inductor import aoti_compile_and_package
@@ -143,26 +156,28 @@ def _compile(model: UNet, dev: torch.device, prec: str, p: int, max_batch: int, 
 
 def default_aoti_path(out_dir: str | os.PathLike[str], stem: str, device: str | torch.device = "cpu",
                       precision: AotiPrecision | None = None) -> Path:
-    """``<out_dir>/<stem>.<target>[.<precision>].pt2``: target "cpu" or the GPU's slug (``nvidia-h200``); the
-    precision is named when it is not the device's default (fp16 on CUDA, fp32 on the CPU)."""
+    """``<out_dir>/<stem>.<target>[.<precision>].pt2``: target "cpu" or the slug of the GPU it is built on
+    (``nvidia-h200``: the current GPU for "cuda", GPU N for "cuda:N"); the precision is named when it is not the
+    device's default (fp16 on CUDA, fp32 on the CPU)."""
     from rawdiff_infer.backends.tensorrt import gpu_slug
 
-    dev = torch.device(device)
-    tag = "cpu"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ExportError("a CUDA package must be built on the GPU that will run it, and torch sees no CUDA "
-                              "device")
-        tag = gpu_slug(torch.cuda.get_device_name(dev.index if dev.index is not None else 0))
+    dev = build_device(device)
+    tag = "cpu" if dev.type == "cpu" else gpu_slug(torch.cuda.get_device_name(dev.index))
     prec = precision or _default_precision(dev)
     suffix = "" if prec == _default_precision(dev) else f".{prec}"
     return Path(out_dir) / f"{stem}.{tag}{suffix}.pt2"
 
 
-def aoti_parity(path: str | os.PathLike[str], model: UNet, *, batch: int = 3, seed: int = 1) -> tuple[float, str]:
+def aoti_parity(path: str | os.PathLike[str], model: UNet, *, device: str | torch.device | None = None,
+                batch: int = 3, seed: int = 1) -> tuple[float, str]:
     """Max relative error (max |aoti - torch| / max |torch|) of a package against the eager model in the package's
-    precision on its device, on a random batch; and what was compared."""
-    with AotiBackend(path) as backend:
+    precision, on a random batch, on ``device`` (default: the GPU the package was built on when this machine has
+    it, else the package's device type); and what was compared (naming the device)."""
+    if device is None:
+        built = read_aoti_info(path).target
+        here = torch.cuda.device_count() if built.device_type == "cuda" and torch.cuda.is_available() else 0
+        device = f"cuda:{built.device_index}" if 0 <= built.device_index < here else None
+    with AotiBackend(path, device=device) as backend:
         info, dev = backend.info, backend.device
         g = torch.Generator().manual_seed(seed)
         p = info.patch_size
@@ -176,7 +191,7 @@ def aoti_parity(path: str | os.PathLike[str], model: UNet, *, batch: int = 3, se
     with torch.no_grad():
         ref = m(x.to(dev), c.to(dev), t.to(dev)).float().cpu()
     err = float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
-    return err, f"torch eager {info.precision} on {dev.type}"
+    return err, f"torch eager {info.precision} on {dev}"
 
 
 @dataclass(frozen=True)
@@ -202,16 +217,17 @@ def export_checkpoint_aoti(ckpt: str | os.PathLike[str], out_dir: str | os.PathL
     ckpt = Path(ckpt)
     model, meta = load_checkpoint(ckpt)
     sha = file_sha256(ckpt)
+    dev = build_device(device)
     out = default_aoti_path(Path(out_dir) if out_dir is not None else default_out_dir(ckpt),
-                            stem or output_stem(ckpt), device, precision)
+                            stem or output_stem(ckpt), dev, precision)
     t0 = time.perf_counter()
-    path = export_aoti(model, meta, out, device=device, precision=precision, patch_size=patch_size,
+    path = export_aoti(model, meta, out, device=dev, precision=precision, patch_size=patch_size,
                        max_batch=max_batch, checkpoint_sha256=sha, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     err = what = None
     if parity:
         try:
-            err, what = aoti_parity(path, model)
+            err, what = aoti_parity(path, model, device=dev)
         except BackendError as e:
             raise ExportError(f"{path}: built, but cannot be loaded here: {e}") from None
     return AotiExport(path, meta, sha, seconds, err, what)

@@ -60,6 +60,7 @@ def test_export_checkpoint_result(built) -> None:
     assert res.checkpoint_sha256 == file_sha256(ckpt)
     assert res.rel_error is not None and res.rel_error < 1e-4, res.rel_error
     assert res.reference == "torch eager fp32 on cpu"
+    assert read_aoti_info(res.path).target.device_index == -1
     assert not list(res.path.parent.glob(".*.tmp"))  # no temporary left
 
 
@@ -273,6 +274,11 @@ def test_target_metadata_round_trip() -> None:
     assert all(isinstance(v, str) for v in md.values())
     assert AotiTarget.from_metadata(md) == t
     assert t.torch_version == torch.__version__ and t.device_type == "cpu" and not t.gpu
+    gpu = AotiTarget(device_type="cuda", torch_version="2.13.0+cu128", gpu="NVIDIA H100", compute_capability="9.0",
+                     device_index=3)
+    assert AotiTarget.from_metadata(gpu.to_metadata()) == gpu
+    old = {k: v for k, v in gpu.to_metadata().items() if k != "rawdiff.device_index"}  # a package from before
+    assert AotiTarget.from_metadata(old).device_index == -1
 
 
 def test_foreign_files(tmp_path: Path) -> None:
@@ -317,17 +323,29 @@ def test_format_constant() -> None:
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.gpu
-def test_cuda_fp16_package(tmp_path: Path) -> None:
-    """fp16 CUDA package: eps against eager fp16 torch on the same GPU, on batches in range; refused on the CPU."""
+@pytest.fixture(scope="module")
+def cuda_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, UNet]:
+    """A perturbed tiny model built into an fp16 CUDA package (batch 1..16) on the current GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     model = perturbed_tiny_model(4)
-    meta = ModelMeta(model=TINY_CONFIG)
-    path = export_aoti(model, meta, default_aoti_path(tmp_path, "tiny", "cuda"), device="cuda", max_batch=16)
+    d = tmp_path_factory.mktemp("aoti-cuda")
+    path = export_aoti(model, ModelMeta(model=TINY_CONFIG), default_aoti_path(d, "tiny", "cuda"), device="cuda",
+                       max_batch=16)
+    return path, model
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_package(cuda_package: tuple[Path, UNet]) -> None:
+    """fp16 CUDA package: eps against eager fp16 torch on the same GPU, on batches in range; refused on the CPU."""
+    path, model = cuda_package
     info = read_aoti_info(path)
     assert (info.precision, info.target.device_type) == ("fp16", "cuda")
     assert info.target.compute_capability == "{}.{}".format(*torch.cuda.get_device_capability())
+    assert info.target.device_index == torch.cuda.current_device()
     err, what = aoti_parity(path, model, batch=5)
     assert err < 1e-2, (err, what)
+    assert what.endswith(f"on cuda:{torch.cuda.current_device()}"), what
     ref_model = model.half().cuda().eval()
     with AotiBackend(path, device="cuda:0") as b:
         assert b.device == torch.device("cuda", 0)
@@ -342,3 +360,44 @@ def test_cuda_fp16_package(tmp_path: Path) -> None:
             b(*(v.cuda() for v in _inputs(17)))
     with pytest.raises(BackendError, match="built for CUDA, asked to run on CPU"):
         AotiBackend(path, device="cpu")
+
+
+@pytest.mark.gpu
+def test_a_call_does_not_wait_for_the_previous_one(cuda_package: tuple[Path, UNet]) -> None:
+    """Issue 23, bug 6: loaded with ``run_single_threaded``, a call queues its work and returns; AOTInductor's
+    default run() would wait on the host for the previous call's device work first."""
+    import time
+
+    path, _ = cuda_package
+    x, c, t = (v.cuda() for v in _inputs(16))
+    with AotiBackend(path, device="cuda") as b:
+        b(x, c, t)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of device work ahead of the calls
+        start = time.perf_counter()
+        outs = [b(x, c, t) for _ in range(3)]
+        host_s = time.perf_counter() - start
+        torch.cuda.synchronize()
+    assert host_s < 0.3, f"the calls waited {host_s:.2f} s on the host"
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.gpu
+def test_a_package_built_on_a_second_gpu_is_named_and_checked_there(tmp_path: Path) -> None:
+    """Issue 23, bug 6: built for cuda:1 (or for "cuda" while GPU 1 is current), the package is named after GPU 1
+    and its parity is measured on GPU 1, not on GPU 0."""
+    from rawdiff_infer.backends.tensorrt import gpu_slug
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    name1 = gpu_slug(torch.cuda.get_device_name(1))
+    with torch.cuda.device(1):
+        assert default_aoti_path(tmp_path, "m", "cuda") == tmp_path / f"m.{name1}.pt2"
+    assert default_aoti_path(tmp_path, "m", "cuda:1") == tmp_path / f"m.{name1}.pt2"
+    model = perturbed_tiny_model(4)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(model, ckpt, meta=ModelMeta(model=TINY_CONFIG))
+    res = export_checkpoint_aoti(ckpt, tmp_path, device="cuda:1", max_batch=4)
+    assert res.path.name == f"tiny.{name1}.pt2"
+    assert read_aoti_info(res.path).target.device_index == 1
+    assert res.reference == "torch eager fp16 on cuda:1" and res.rel_error is not None and res.rel_error < 1e-2

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 from ..checkpoint import ModelMeta
 from ..fsio import check_regular
 from ..messages import first_line, show_path
+from ..validate import zip_namelist
 from .base import Backend, BackendError
 
 __all__ = ["AOTI_FORMAT", "AotiBackend", "AotiInfo", "AotiTarget", "check_aoti_compat", "current_target",
@@ -64,6 +66,8 @@ class AotiTarget:
         cpu: the CPU model name (information).
         cpu_flags: the CPU's instruction-set flags (from ``/proc/cpuinfo``; empty where unknown).
         cpu_isa: ATen's CPU capability ("AVX512", "AVX2", "DEFAULT", ...).
+        device_index: the GPU's index on the machine (information: where the package was built and checked;
+            -1 for CPU or unknown). It runs on any GPU of the same compute capability.
     """
 
     device_type: str
@@ -74,12 +78,14 @@ class AotiTarget:
     cpu: str = ""
     cpu_flags: frozenset[str] = frozenset()
     cpu_isa: str = ""
+    device_index: int = -1
 
     def to_metadata(self) -> dict[str, str]:
         return {"rawdiff.device_type": self.device_type, "rawdiff.torch_version": self.torch_version,
                 "rawdiff.cuda_version": self.cuda_version, "rawdiff.gpu": self.gpu,
                 "rawdiff.compute_capability": self.compute_capability, "rawdiff.cpu": self.cpu,
-                "rawdiff.cpu_flags": " ".join(sorted(self.cpu_flags)), "rawdiff.cpu_isa": self.cpu_isa}
+                "rawdiff.cpu_flags": " ".join(sorted(self.cpu_flags)), "rawdiff.cpu_isa": self.cpu_isa,
+                "rawdiff.device_index": str(self.device_index)}
 
     @classmethod
     def from_metadata(cls, md: dict[str, str]) -> "AotiTarget":
@@ -87,7 +93,8 @@ class AotiTarget:
                    cuda_version=md.get("rawdiff.cuda_version", ""), gpu=md.get("rawdiff.gpu", ""),
                    compute_capability=md.get("rawdiff.compute_capability", ""), cpu=md.get("rawdiff.cpu", ""),
                    cpu_flags=frozenset(md.get("rawdiff.cpu_flags", "").split()),
-                   cpu_isa=md.get("rawdiff.cpu_isa", ""))
+                   cpu_isa=md.get("rawdiff.cpu_isa", ""),
+                   device_index=int(md.get("rawdiff.device_index", "-1")))
 
     def describe(self) -> str:
         if self.device_type == "cuda":
@@ -138,6 +145,7 @@ def current_target(device: str | torch.device = "cpu") -> AotiTarget:
     cpu, flags = _cpu_info()
     isa = str(torch.backends.cpu.get_cpu_capability()).upper()
     gpu = cc = ""
+    index = -1
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise BackendError("CUDA was requested but torch sees no CUDA device")
@@ -147,7 +155,7 @@ def current_target(device: str | torch.device = "cpu") -> AotiTarget:
         cc = f"{major}.{minor}"
     return AotiTarget(device_type=dev.type, torch_version=torch.__version__,
                       cuda_version=(torch.version.cuda or "") if dev.type == "cuda" else "", gpu=gpu,
-                      compute_capability=cc, cpu=cpu, cpu_flags=flags, cpu_isa=isa)
+                      compute_capability=cc, cpu=cpu, cpu_flags=flags, cpu_isa=isa, device_index=index)
 
 
 def check_aoti_compat(built: AotiTarget, here: AotiTarget) -> tuple[list[str], list[str]]:
@@ -216,7 +224,7 @@ def _package_metadata(path: Path) -> dict[str, str]:
     try:
         check_regular(path)
         with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if "/data/aotinductor/" in f"/{n}" and n.endswith("_metadata.json")]
+            names = [n for n in zip_namelist(z) if "/data/aotinductor/" in f"/{n}" and n.endswith("_metadata.json")]
             for name in sorted(names):
                 md = json.loads(z.read(name).decode("utf-8"))
                 if isinstance(md, dict) and "rawdiff" in md:
@@ -293,10 +301,15 @@ class AotiBackend(Backend):
             raise BackendError(f"max_batch_size must be >= 1, got {max_batch_size}")
         super().__init__(info.meta, dev, torch.float32, cap, patch_size=info.patch_size)
         self.path, self.info = p, info
+        self._lock = threading.Lock()
         try:
             from torch._inductor import aoti_load_package
 
-            self._model = aoti_load_package(str(p), device_index=dev.index if dev.type == "cuda" else -1)
+            # run_single_threaded: AOTInductor's default run() waits on the host for the previous run's device work
+            # to end before it starts the next one (its thread-safety for several callers); ``infer`` takes a host
+            # lock instead, so calls queue on the device as they do with every other backend
+            self._model = aoti_load_package(str(p), run_single_threaded=True,
+                                            device_index=dev.index if dev.type == "cuda" else -1)
         except Exception as e:  # noqa: BLE001 - the loader raises RuntimeError, OSError, ...
             raise BackendError(f"{show_path(p.name)}: AOTInductor could not load the package ({first_line(e)})") \
                 from None
@@ -319,7 +332,9 @@ class AotiBackend(Backend):
         if n < self.info.min_batch:  # pragma: no cover - packages are built with min_batch 1
             raise BackendError(f"batch of {n} is below the package's minimum {self.info.min_batch}")
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext(), torch.no_grad():
-            eps = self._model(self._prep(x_t), self._prep(cond), self._prep(t))
+            x_t, cond, t = self._prep(x_t), self._prep(cond), self._prep(t)
+            with self._lock:  # the library is loaded single-threaded: one call at a time
+                eps = self._model(x_t, cond, t)
         return eps  # allocated by the library on every call: the caller owns it
 
     def close(self) -> None:
