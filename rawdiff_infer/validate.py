@@ -9,10 +9,22 @@ be lenient: ``True`` is not an integer, ``32.0`` is not an integer, NaN and infi
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SchemaError", "boolean", "choice", "integer", "int_list", "known_keys", "number", "obj", "string"]
+__all__ = ["SchemaError", "boolean", "choice", "integer", "int_list", "known_keys", "number", "obj", "string",
+           "zip_namelist", "MAX_ZIP_BYTES", "MAX_ZIP_MEMBERS", "MAX_ZIP_RATIO"]
+
+#: the most a zip archive rawdiff opens (an AOTInductor ``.pt2`` package) may declare once expanded: the largest
+#: U-Net a description may declare (500 M parameters) in fp32 is 2 GB, its compiled code much less
+MAX_ZIP_BYTES = 8 << 30
+#: the most members it may hold (a package has a few dozen)
+MAX_ZIP_MEMBERS = 10_000
+#: the most a member above ``_ZIP_RATIO_FLOOR`` bytes may expand (PyTorch stores package members uncompressed;
+#: deflate reaches about 1000 on zeros, which is what a zip bomb is made of)
+MAX_ZIP_RATIO = 100
+_ZIP_RATIO_FLOOR = 1 << 20
 
 
 class SchemaError(ValueError):
@@ -87,3 +99,25 @@ def known_keys(d: Mapping[str, Any], name: str, allowed: Iterable[str]) -> None:
     unknown = sorted(set(d) - set(allowed))
     if unknown:
         raise SchemaError(f"{name}: unknown key(s) {', '.join(map(repr, unknown[:5]))}")
+
+
+def zip_namelist(archive: zipfile.ZipFile) -> list[str]:
+    """The member names of an open zip archive (what ``ZipFile.namelist`` gives), once what its central directory
+    declares is checked, before any member is read or extracted: at most ``MAX_ZIP_MEMBERS`` members,
+    ``MAX_ZIP_BYTES`` expanded in all, and no member above 1 MiB expanding more than ``MAX_ZIP_RATIO`` times (a zip
+    bomb). The readers (Python's zipfile, PyTorch's miniz) stop at a member's declared size, so these bound the
+    memory and disk that reading the archive takes.
+
+    Raises SchemaError (a ValueError) whose one-line message names the member."""
+    infos = archive.infolist()
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise SchemaError(f"zip archive: {len(infos)} members, more than {MAX_ZIP_MEMBERS}")
+    total = 0
+    for info in infos:
+        total += info.file_size
+        if info.file_size > _ZIP_RATIO_FLOOR and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            raise SchemaError(f"zip member {info.filename[:200]!r}: expands {info.compress_size} bytes to "
+                              f"{info.file_size} (more than {MAX_ZIP_RATIO} times: a zip bomb)")
+    if total > MAX_ZIP_BYTES:
+        raise SchemaError(f"zip archive: its members expand to {total} bytes, more than {MAX_ZIP_BYTES >> 30} GiB")
+    return [info.filename for info in infos]

@@ -3,6 +3,7 @@ sRGB profile under another name is left alone (its pixels exact)."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from rawdiff_infer.io import read_image
 SRGB_D50 = np.array([[0.43607, 0.38515, 0.14307],
                      [0.22249, 0.71687, 0.06061],
                      [0.01392, 0.09708, 0.71410]])
+
+
+D50_WHITE = (0.9642, 1.0, 0.8249)
 
 
 def _srgb_curve(n: int = 1024) -> bytes:
@@ -39,19 +43,17 @@ def icc_profile(name: str, curve: bytes, colorants: np.ndarray = SRGB_D50) -> by
     text = name.encode()
     desc = (b"desc\0\0\0\0" + struct.pack(">I", len(text) + 1) + text + b"\0" + struct.pack(">II", 0, 0)
             + struct.pack(">HB", 0, 0) + b"\0" * 67)
-    tags = [(b"desc", desc), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(colorants[:, 0])),
-            (b"gXYZ", xyz(colorants[:, 1])), (b"bXYZ", xyz(colorants[:, 2])), (b"rTRC", curve), (b"gTRC", curve),
-            (b"bTRC", curve), (b"cprt", b"text\0\0\0\0test data\0")]
-    offset = 128 + 4 + 12 * len(tags)
-    table, body = b"", b""
-    for sig, data in tags:
-        data += b"\0" * (-len(data) % 4)
-        table += sig + struct.pack(">II", offset + len(body), len(data))
-        body += data
-    header = (struct.pack(">I", offset + len(body)) + b"\0\0\0\0" + struct.pack(">I", 0x02100000)
-              + b"mntrRGB XYZ " + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + b"\0" * 24
-              + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
-    return header + struct.pack(">I", len(tags)) + table + body
+    tags = {b"desc": desc, b"wtpt": xyz(D50_WHITE), b"rXYZ": xyz(colorants[:, 0]), b"gXYZ": xyz(colorants[:, 1]),
+            b"bXYZ": xyz(colorants[:, 2]), b"rTRC": curve, b"gTRC": curve, b"bTRC": curve,
+            b"cprt": b"text\0\0\0\0test data\0"}
+    blobs = [data + bytes(-len(data) % 4) for data in tags.values()]  # each tag 4-byte aligned
+    starts = list(itertools.accumulate([len(b) for b in blobs], initial=128 + 4 + 12 * len(tags)))
+    directory = b"".join(sig + struct.pack(">II", at, len(b)) for sig, at, b in zip(tags, starts, blobs))
+    header = bytearray(128)  # ICC.1 7.2: size, version 2.1, display class, RGB data, XYZ connection, D50
+    struct.pack_into(">I", header, 0, starts[-1])
+    struct.pack_into(">I", header, 8, 0x02100000)
+    header[12:24], header[36:40], header[68:80] = b"mntrRGB XYZ ", b"acsp", xyz(D50_WHITE)[8:]
+    return bytes(header) + struct.pack(">I", len(tags)) + directory + b"".join(blobs)
 
 
 def _photo() -> np.ndarray:

@@ -10,7 +10,9 @@ decoder checks for NaN and infinity itself). The file is opened once, with
 refused before any read), and every decoder reads that one descriptor.
 
 TIFF policy (the first page; ``BitsPerSample`` = b, ``SampleFormat`` as tifffile reads it). tifffile reads the
-structure of every TIFF first; the pixels are decoded by Pillow (libtiff) or tifffile as below.
+structure of every TIFF first; the pixels are decoded by Pillow (libtiff) or tifffile as below. A compression
+Pillow's libtiff has no codec for (WebP, for one) goes to tifffile whatever the layout; one that neither can
+decode is refused naming the codec (not as corrupt data).
 
 =====================================  =========================================================================
 sample format / layout                 outcome
@@ -188,7 +190,8 @@ def read_image(path: PathLike, *, max_pixels: int | None = None) -> DecodedImage
       - grey (1, L, I;16) is repeated to three channels; palette (P, PA) is expanded; CMYK is converted
         with its ICC profile when it has one, naively otherwise; LAB goes through LittleCMS;
       - an alpha channel is dropped (not composited), with a warning;
-      - an embedded ICC profile that is not sRGB is converted to sRGB with LittleCMS (``PIL.ImageCms``,
+      - an embedded ICC profile that does not render like sRGB (judged by content: a test image through it,
+        never by its name) is converted to sRGB with LittleCMS (``PIL.ImageCms``,
         perceptual intent); if that fails, the pixels are kept as they are and a warning says so.
 
     Bit depth: 8-bit files give uint8. TIFFs with more than 8 bits per sample are read with tifffile and give
@@ -220,7 +223,8 @@ def read_image(path: PathLike, *, max_pixels: int | None = None) -> DecodedImage
         ImageError: missing / unreadable / empty file, not a regular file (directory, FIFO, device), a symlink
             loop, a name too long, not an image, an unsupported format or sample format, a camera RAW file (by
             suffix, or a TIFF carrying DNG / CFA data), truncated or corrupt data, NaN / infinite float
-            samples, an image above the pixel limit.
+            samples, an image above the pixel limit, a JPEG of more than ``io.jpeg.MAX_JPEG_SCANS`` scans (counted
+            from its markers before decoding), a TIFF compression no installed codec decodes (named).
         ValueError: ``max_pixels`` is not positive.
     """
     if max_pixels is not None and max_pixels <= 0:
