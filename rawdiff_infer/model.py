@@ -87,7 +87,7 @@ class UNetConfig:
         boolean(self.mid_block, "mid_block")
         integer(self.patch_size, "patch_size", 8, 1024)
         self._check_runnable()
-        self._check_compute()
+        self.check_patch_cost(self.patch_size)
 
     def _check_runnable(self) -> None:
         """Combinations of valid fields that torch could not build or run, refused naming the field."""
@@ -109,9 +109,10 @@ class UNetConfig:
             raise SchemaError(f"patch_size: {self.patch_size} is not divisible by 2**(stages-1) = "
                               f"{2 ** (len(self.channel_mults) - 1)}")
 
-    def _check_compute(self) -> None:
-        """The compute one patch implies (the load self-test runs one patch of ``patch_size``), bounded."""
-        p = self.patch_size
+    def check_patch_cost(self, p: int) -> None:
+        """Refuse (SchemaError naming the field) a ``p`` x ``p`` patch above ``MAX_ATTENTION_TOKENS`` positions in
+        one attention layer or ``MAX_PATCH_FLOPS``: every description at its ``patch_size`` (what the load self-test
+        runs); a command may check the patch size it is asked for the same way."""
         tokens, stage = self.attention_tokens(p)
         if tokens > MAX_ATTENTION_TOKENS:
             side = math.isqrt(MAX_ATTENTION_TOKENS)

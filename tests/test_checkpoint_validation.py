@@ -325,6 +325,14 @@ def test_the_30kb_checkpoint_with_attention_at_stage_0_is_refused_at_once(tmp_pa
     assert str(e.value).startswith(str(p)) and "model.attention_stages: stage 0 attends over 1048576" in str(e.value)
 
 
+def test_a_larger_patch_than_described_is_checked_the_same_way():
+    """Inference may run up to twice the described patch: the same bound answers for it (``check_patch_cost``)."""
+    cfg = UNetConfig(patch_size=256)  # stage 1 attends over 128 x 128 positions: the limit
+    cfg.check_patch_cost(256)
+    with pytest.raises(SchemaError, match=r"^attention_stages: stage 1 attends over 65536 positions of a 512x512"):
+        cfg.check_patch_cost(512)
+
+
 def test_closed_form_flops_equal_the_flop_counter():
     """UNetConfig.patch_flops (what the bound uses) against torch's FlopCounterMode on the module (count_flops)."""
     configs = [UNetConfig(), TINY_CONFIG,
