@@ -35,6 +35,7 @@ from torch import nn
 
 from . import __version__
 from .camera import DEFAULT_CAMERA, Camera
+from .formulation import Formulation
 from .isp import IspModel
 from .fsio import NotRegularFileError, atomic_path, check_regular, open_regular, sha256_file, write_bytes
 from .messages import first_line, show_path
@@ -71,6 +72,13 @@ class ModelMeta:
     provenance: dict[str, Any] = field(default_factory=dict)
     #: how the camera renders RAW to sRGB (``isp.IspModel``); None: unknown (no consistency at inference)
     isp: IspModel | None = None
+    #: what the U-Net predicts and what the sampler diffuses (``formulation.Formulation``; absent: eps over the RAW)
+    formulation: Formulation = field(default_factory=Formulation)
+
+    def __post_init__(self) -> None:
+        if self.formulation.residual and self.isp is None:
+            raise SchemaError("formulation.space: 'residual' needs the description's isp (the closed form it is "
+                              "the residual over)")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"format": FORMAT, "rawdiff_version": __version__, "architecture": ARCHITECTURE,
@@ -79,6 +87,8 @@ class ModelMeta:
              "provenance": self.provenance}
         if self.isp is not None:
             d["isp"] = self.isp.to_dict()
+        if not self.formulation.is_default:  # absent means eps over the RAW: earlier descriptions keep their bytes
+            d["formulation"] = self.formulation.to_dict()
         return d
 
     @classmethod
@@ -93,7 +103,8 @@ class ModelMeta:
         return cls(model=UNetConfig.from_dict(d["model"]), schedule=ScheduleConfig.from_dict(d["schedule"]),
                    encoding=RawEncoding.from_dict(d["encoding"]), camera=Camera.from_dict(d["camera"]),
                    provenance=obj(d.get("provenance", {}), "provenance"),
-                   isp=IspModel.from_dict(d["isp"]) if d.get("isp") is not None else None)
+                   isp=IspModel.from_dict(d["isp"]) if d.get("isp") is not None else None,
+                   formulation=Formulation.from_dict(d["formulation"]) if "formulation" in d else Formulation())
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
