@@ -8,7 +8,8 @@ session script) filters its files through :func:`split_held_out`.
 A photo is held out when
 
 * its file *stem* matches a listed name, case-insensitively (so ``kodim03.png``, ``KODIM03.PNG`` and a
-  re-encoded ``kodim03.jpg`` are all held out), or
+  re-encoded ``kodim03.jpg`` are all held out), or its stem up to the first dot does (``kodim03.s768.jpg``, a
+  scaled copy written by ``rawdiff_train.prepare``), or
 * its content is byte-identical to a listed photo (sha256), whatever its name (a renamed copy).
 
 The digests are those of the files in ``shared/data/photos`` (see its SOURCES.md), ``train/photos`` (see
@@ -48,10 +49,12 @@ _DIGESTS = frozenset(HELD_OUT_PHOTOS.values())
 
 
 def is_held_out(path: str | os.PathLike[str], *, check_content: bool = True) -> bool:
-    """True if ``path`` is a held-out photo: by its stem (case-insensitive), or, with ``check_content`` (the
-    default), by its sha256 (reads the file; raises OSError if it cannot be read)."""
+    """True if ``path`` is a held-out photo: by its stem (case-insensitive; the part before the stem's first dot
+    counts too, so the scaled copies ``kodim03.s768.jpg`` of ``rawdiff_train.prepare`` stay held out), or, with
+    ``check_content`` (the default), by its sha256 (reads the file; raises OSError if it cannot be read)."""
     p = Path(path)
-    if p.stem.lower() in _STEMS:
+    stem = p.stem.lower()
+    if stem in _STEMS or stem.split(".", 1)[0] in _STEMS:
         return True
     return check_content and sha256_file(p) in _DIGESTS
 

@@ -35,12 +35,21 @@ class PairPool:
             else the CPU), "cpu" or a device.
         augment: random flips and 90-degree rotations.
         encoding: the RAW encoding (gamma 1/2.2).
+        clipped_fraction: the share of every batch, in [0, 1], cut around a pixel with a clipped sRGB channel
+            (255): where the ISP lost the RAW, and what a model beyond the closed form is for. The rest is drawn
+            uniformly. 0 (the default) draws every patch uniformly, with exactly the draws of earlier versions.
     """
+
+    #: clipped anchor pixels kept per image at most (a regular subsample of them beyond that)
+    MAX_ANCHORS = 4096
 
     def __init__(self, pairs: Iterable, *, patch: int = 64, device: str | torch.device = "cpu",
                  storage: str | torch.device = "auto", augment: bool = True,
-                 encoding: RawEncoding | None = None) -> None:
-        self.patch, self.augment = patch, augment
+                 encoding: RawEncoding | None = None, clipped_fraction: float = 0.0) -> None:
+        if not 0.0 <= clipped_fraction <= 1.0:
+            raise ValueError(f"clipped_fraction must be in [0, 1], got {clipped_fraction}")
+        self.patch, self.augment, self.clipped_fraction = patch, augment, clipped_fraction
+        anchors: list[np.ndarray] = []
         self.device = torch.device(device)
         self.encoding = encoding or RawEncoding()
         srgb_parts, raw_parts, sizes = [], [], []
@@ -53,6 +62,7 @@ class PairPool:
                 continue
             s8 = s if s.dtype == np.uint8 else np.round(np.clip(s, 0, 1) * 255).astype(np.uint8)
             r16 = np.round(self.encoding.encode(r.astype(np.float32)) * 65535).astype(np.uint16)
+            anchors.append(self._anchors(s8, patch, len(sizes)))
             srgb_parts.append(s8.reshape(-1))
             raw_parts.append(r16.reshape(-1))
             sizes.append(s.shape[:2])
@@ -66,7 +76,21 @@ class PairPool:
         self.heights, self.widths = hw[:, 0], hw[:, 1]
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(hw[:, 0] * hw[:, 1] * 3, 0)[:-1]])
         self.nbytes = nbytes
+        #: [A, 3] int64 (image, y, x) of clipped pixels, at most MAX_ANCHORS per image
+        self.anchors = torch.from_numpy(np.concatenate(anchors)) if anchors else torch.zeros((0, 3), dtype=torch.int64)
+        if clipped_fraction > 0 and not len(self.anchors):
+            log.warning("no training image has a clipped pixel: every patch is drawn uniformly")
         log.info("pair pool: %d images, %.1f MB on %s", len(sizes), nbytes / 1e6, self.storage)
+
+    @classmethod
+    def _anchors(cls, s8: np.ndarray, patch: int, index: int) -> np.ndarray:
+        """[A, 3] (index, y, x) of the pixels of ``s8`` with a channel at 255, regularly subsampled to at most
+        MAX_ANCHORS."""
+        ys, xs = np.nonzero((s8 == 255).any(axis=2))
+        if len(ys) > cls.MAX_ANCHORS:
+            keep = np.linspace(0, len(ys) - 1, cls.MAX_ANCHORS).round().astype(np.int64)
+            ys, xs = ys[keep], xs[keep]
+        return np.stack([np.full(len(ys), index), ys, xs], axis=1).astype(np.int64)
 
     def _pick_storage(self, storage: str | torch.device, nbytes: int) -> torch.device:
         if storage != "auto":
@@ -91,6 +115,13 @@ class PairPool:
         y0 = (u[:, 0] * (self.heights[k] - P + 1)).long()
         x0 = (u[:, 1] * (self.widths[k] - P + 1)).long()
         tf = torch.randint(0, 8, (n,), generator=generator) if self.augment else torch.zeros(n, dtype=torch.int64)
+        m = round(n * self.clipped_fraction) if len(self.anchors) else 0
+        if m:  # the last m patches: around a random clipped pixel, at a random place inside the patch
+            a = self.anchors[torch.randint(0, len(self.anchors), (m,), generator=generator)]
+            off = torch.randint(0, P, (m, 2), generator=generator)
+            k[n - m:] = a[:, 0]
+            y0[n - m:] = torch.minimum((a[:, 1] - off[:, 0]).clamp_min(0), self.heights[a[:, 0]] - P)
+            x0[n - m:] = torch.minimum((a[:, 2] - off[:, 1]).clamp_min(0), self.widths[a[:, 0]] - P)
         ar = torch.arange(P)
         # output pixel (i, j) reads source (a, b) of the crop: transpose, then flips
         i, j = ar.view(1, P, 1), ar.view(1, 1, P)

@@ -10,7 +10,7 @@ import torch
 
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
-from rawdiff_infer.metrics import psnr
+from rawdiff_infer.metrics import psnr, psnr_regions
 from rawdiff_infer.model import UNet
 from rawdiff_infer.pipeline import RawReconstructor, SamplerConfig
 from rawdiff_infer.tiling import TileConfig
@@ -31,8 +31,10 @@ class ValidationSet:
     """Fixed validation pairs: sRGB uint8 H x W x 3 inputs and encoded RAW targets (float32 [0, 1]).
 
     ``__call__(model, step)`` runs the sampler (``method``/``steps``) over every pair with the model's current
-    weights and returns {"val_psnr": mean PSNR in dB} (image-level mean); the per-image PSNRs of that call (dB,
-    in the order of ``inputs``) are kept in ``last_scores``.
+    weights (with ISP consistency where the description has an ISP, as rawdiff-infer runs it) and returns
+    {"val_psnr": mean PSNR in dB (image-level mean), "val_psnr_clipped": mean PSNR over the pixels with a clipped
+    input channel, over the images that have some (``metrics.psnr_regions``; NaN if none has)}; the per-image PSNRs
+    of that call (dB, in the order of ``inputs``) are kept in ``last_scores``, their regions in ``last_regions``.
     """
 
     inputs: Sequence[np.ndarray]
@@ -45,6 +47,7 @@ class ValidationSet:
     batch_size: int = 256
     seed: int = 0
     last_scores: list[float] = field(default_factory=list, init=False, repr=False)
+    last_regions: list[dict] = field(default_factory=list, init=False, repr=False)
 
     def __call__(self, model: UNet, step: int) -> dict[str, float]:
         copy = UNet(model.config)
@@ -54,7 +57,10 @@ class ValidationSet:
         rec = RawReconstructor(backend, sampler=SamplerConfig(method=self.method, steps=self.steps),
                                tiles=TileConfig(patch_size=model.config.patch_size, stride=self.stride,
                                                 batch_size=self.batch_size))
-        scores = [psnr(rec.reconstruct(x, seed=self.seed).encoded, y) for x, y in zip(self.inputs, self.targets)]
+        outs = [rec.reconstruct(x, seed=self.seed).encoded for x in self.inputs]
         backend.close()
-        self.last_scores = [float(v) for v in scores]
-        return {"val_psnr": float(np.mean(scores))}
+        self.last_scores = [float(psnr(o, y)) for o, y in zip(outs, self.targets)]
+        self.last_regions = [psnr_regions(o, y, x) for o, y, x in zip(outs, self.targets, self.inputs)]
+        clipped = [r["clipped"] for r in self.last_regions if r["clipped"] is not None]
+        return {"val_psnr": float(np.mean(self.last_scores)),
+                "val_psnr_clipped": float(np.mean(clipped)) if clipped else float("nan")}
