@@ -7,9 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
+from rawdiff_infer.startup import begin_command
+
+begin_command("rawdiff-bench", __file__)  # before the heavy imports: closed streams, Ctrl-C while importing
+
+import click  # noqa: E402
 
 from rawdiff_infer.console import Console, OneLineCommand
+from rawdiff_infer.fsio import reading
 from rawdiff_infer.interrupts import Interrupted, exit_code_of, handle_interrupts
 from rawdiff_infer.messages import first_line
 from rawdiff_infer.samplers import SAMPLERS
@@ -97,7 +102,8 @@ def cli(**p: Any) -> None:
     console = Console(_PROG)
     with console.capture(), handle_interrupts(lambda e: console.err(f"{e.verb}; nothing was written")):
         try:
-            code = _run(p, console)
+            with reading([p["ckpt"], p["model_file"], *p["image_files"]]):  # never replaced, not with --force
+                code = _run(p, console)
         except click.UsageError:
             raise
         except KeyboardInterrupt as e:
@@ -122,12 +128,10 @@ def _run(p: dict[str, Any], console: Console) -> int:
         raise click.BadParameter(f"{p['patch_size']} is not a multiple of 8", param_hint="--patch-size")
     photos = tuple(_shape(v, "--photo") for v in p["photos"])
     frame = _shape(p["frame"], "--frame")
-    from rawdiff_infer.plan import UsageError, check_output_file
+    from rawdiff_infer.plan import UsageError, check_output_files
 
-    try:
-        for out in (p["json_path"], p["plot_path"]):
-            if out:
-                check_output_file(out, force=p["force"])
+    try:  # before any measurement: a report over an input (even with --force) or over the other report
+        check_output_files({"--json": p["json_path"], "--plot": p["plot_path"]}, force=p["force"])
     except UsageError as e:
         raise click.UsageError(str(e)) from None
     for f in p["image_files"]:

@@ -38,7 +38,11 @@ Two baseline rows come first, nothing learnt in either:
 
 from __future__ import annotations
 
-import functools
+from rawdiff_infer.startup import begin_command
+
+begin_command("rawdiff-eval", __file__)  # before the heavy imports: closed streams, Ctrl-C while importing
+
+import functools  # noqa: E402
 import json
 import logging
 import os
@@ -60,7 +64,7 @@ if TYPE_CHECKING:
     from rawdiff_infer.consistency import Band, ConsistencyConfig
     from rawdiff_infer.isp import IspModel
 
-__all__ = ["CLOSED_FORM", "EvalCase", "EvalRow", "NAIVE", "baseline_rows", "check_not_inputs", "check_report_paths",
+__all__ = ["CLOSED_FORM", "EvalCase", "EvalRow", "NAIVE", "baseline_rows", "check_report_paths",
            "closed_form", "closed_form_rows", "crop_cases", "evaluate", "figure", "main", "photo_cases", "raw_cases",
            "row_label", "summarise"]
 
@@ -546,57 +550,14 @@ def figure(cases: Sequence[EvalCase], outputs: Sequence[np.ndarray], closed_form
 
 def check_report_paths(*paths: str | None, force: bool) -> None:
     """Report and plot targets (``--json``, ``--plot``, ``--figure``; None: not asked for), checked before any
-    compute: see ``plan.check_output_file``, and no two the same file; click.UsageError (one line) otherwise."""
-    from rawdiff_infer.plan import UsageError, check_output_file
+    compute by ``plan.check_output_files`` (no file the run reads, even with --force: ``fsio.reading``; no two the
+    same file); click.UsageError (one line) otherwise."""
+    from rawdiff_infer.plan import UsageError, check_output_files
 
     try:
-        for p in paths:
-            if p:
-                check_output_file(p, force=force)
+        check_output_files({f"report {k + 1}": p for k, p in enumerate(paths)}, force=force)
     except UsageError as e:
         raise click.UsageError(str(e)) from None
-    given = [os.path.abspath(p) for p in paths if p]
-    for k, p in enumerate(given):
-        if p in given[:k]:
-            raise click.UsageError(f"{show_path(p)}: given as two reports (--json, --plot and --figure must differ)")
-
-
-def check_not_inputs(paths: Sequence[str | None], inputs: Sequence[str | Path]) -> None:
-    """Refuse a report target that is one of the input files, compared by ``os.stat`` device and inode (so another
-    name or a hard link of an input is caught too), even with --force; click.UsageError (one line) otherwise.
-    Targets that do not exist yet are no input."""
-    ids: dict[tuple[int, int], str | Path] = {}
-    for f in inputs:
-        try:
-            st = os.stat(f)
-        except OSError:
-            continue
-        ids[(st.st_dev, st.st_ino)] = f
-    for p in paths:
-        if not p:
-            continue
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in ids:
-            raise click.UsageError(f"{show_path(p)}: is an input file ({show_path(ids[(st.st_dev, st.st_ino)])}); "
-                                   f"a report never replaces an input")
-
-
-def _input_files(photos: str | None, raw_dir: str | None, ckpt: str | os.PathLike[str] | None) -> list[Path]:
-    """Every file the run reads by name: the photos or RAW files of the folder and the model's files."""
-    from rawdiff_train import fivek
-    from rawdiff_train.data import PHOTO_EXTENSIONS, list_files
-
-    files = list_files(photos, PHOTO_EXTENSIONS) if photos else list_files(raw_dir or ".", fivek.RAW_EXTENSIONS)
-    if ckpt is not None:  # the description and its weights (a sharded checkpoint's .json and .safetensors)
-        p = Path(ckpt)
-        folder = p if p.is_dir() else p.parent if p.suffix == ".json" else None
-        files.append(p)
-        if folder is not None and folder.is_dir():
-            files += sorted(q for q in folder.iterdir() if q.suffix in (".json", ".safetensors") and q.is_file())
-    return files
 
 
 #: the --consistency modes (``rawdiff_infer.consistency.MODES``; spelled out so that --help needs no torch)
@@ -646,62 +607,134 @@ def _load_backend(path: str | os.PathLike[str], device: str, dtype: str) -> Any:
               help=f"Input, output, |output - closed form| and |output - truth| per image (PNG; the first "
                    f"{FIGURE_MAX_IMAGES} images) for the first sampler, consistency mode and seed only.")
 @click.option("--force", is_flag=True, help="Replace existing --json / --plot / --figure files (never an input).")
-def cli(photos, raw_dir, ckpt, specs, modes, skip, seeds, crop, per_side, stride, grid, batch_size, device, dtype,
-        json_path, plot_path, figure_path, force) -> None:
+def cli(**p: Any) -> None:
+    """rawdiff-eval: one line on stderr for every problem, exit 2 before any compute, 1 after, 128+N on a signal
+    (temporary report files removed); the files the run reads are never replaced (``fsio.reading``)."""
+    from rawdiff_infer.console import Console
+    from rawdiff_infer.fsio import reading
+    from rawdiff_infer.interrupts import exit_code_of, handle_interrupts
+
+    console = Console(_PROG)
+    with console.capture(), handle_interrupts(lambda e: console.err(f"{e.verb}; no report was written")):
+        try:
+            with reading([p["photos"], p["raw_dir"], p["ckpt"]]):
+                _run(p, console)
+            code = 0
+        except click.UsageError:
+            raise
+        except KeyboardInterrupt as e:
+            console.err(f"{getattr(e, 'verb', 'interrupted')}; no report was written")
+            code = exit_code_of(e)
+        except OSError as e:  # a report that cannot be written (a full disk, ...): its temporary file is gone
+            where = f"{show_path(e.filename)}: " if e.filename else ""
+            console.err(f"error: {where}{e.strerror or first_line(e)}")
+            code = 1
+        except Exception as e:  # noqa: BLE001 - one line, never a traceback
+            console.err(f"error: {type(e).__name__}: {first_line(e)}")
+            code = 1
+    sys.exit(code)
+
+
+_PROG = "rawdiff-eval"
+
+
+def _device(device: str) -> str:
+    """auto -> cuda or cpu; cpu, cuda or cuda:N that torch sees, else click.UsageError (one line)."""
+    import re
+
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise click.UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device}: torch sees no CUDA device (a CPU-only build, or no GPU)")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise click.UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def _checked(p: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """Everything checked before the model loads (click.UsageError): data, samplers, model path, reports."""
     from rawdiff_infer.backends import default_checkpoint
     from rawdiff_infer.consistency import ConsistencyConfig
     from rawdiff_infer.pipeline import SamplerConfig
-    from rawdiff_infer.tiling import TileConfig
 
-    if bool(photos) == bool(raw_dir):
+    if bool(p["photos"]) == bool(p["raw_dir"]):
         raise click.UsageError("give one of --photos and --raw")
-    for spec in specs:
+    for spec in p["specs"]:
         try:
             SamplerConfig.from_spec(spec)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    configs = [ConsistencyConfig(mode=m, skip=skip) for m in dict.fromkeys(modes or ("auto",))]
-    model_path = ckpt or default_checkpoint()
+    configs = [ConsistencyConfig(mode=m, skip=p["skip"]) for m in dict.fromkeys(p["modes"] or ("auto",))]
+    model_path = p["ckpt"] or default_checkpoint()
     if model_path is None:
         raise click.UsageError("this build has no bundled model: give --ckpt")
-    reports = (json_path, plot_path, figure_path)
-    check_not_inputs(reports, _input_files(photos, raw_dir, model_path))
-    check_report_paths(*reports, force=force)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from rawdiff_infer.plan import UsageError, check_output_files
+
+    try:
+        check_output_files({"--json": p["json_path"], "--plot": p["plot_path"], "--figure": p["figure_path"]},
+                           force=p["force"])
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
+    return model_path, configs
+
+
+def _tiles(p: dict[str, Any], be: Any, device: str) -> Any:
+    """The tiling of rawdiff-infer's defaults; a stride the patch cannot take is a click.UsageError."""
+    from rawdiff_infer.tiling import TileConfig
+
+    try:
+        return TileConfig(patch_size=be.patch_size, stride=p["stride"], grid=p["grid"],
+                          batch_size=p["batch_size"] or (512 if device.startswith("cuda") else 16))
+    except ValueError as e:
+        raise click.UsageError(f"--stride {p['stride']} / --grid {p['grid']}: {first_line(e)}") from None
+
+
+def _run(p: dict[str, Any], console: Any) -> None:
+    """Check, load, evaluate, write the reports (each through ``fsio``)."""
     from rawdiff_infer.cpu import resolve_dtype
 
-    dt, why = resolve_dtype(dtype, device)  # rawdiff-infer's rule: what a user's run gets
+    model_path, configs = _checked(p)
+    device = _device(p["device"])
+    dt, why = resolve_dtype(p["dtype"], device)  # rawdiff-infer's rule: what a user's run gets
     be = _load_backend(model_path, device, dt)
     if be.meta.isp is None and any(c.mode == "on" for c in configs):
         raise click.UsageError(f"--consistency on: the model {show_path(model_path)} does not describe its ISP "
                                "(its description has no 'isp')")
-    tiles = TileConfig(patch_size=be.patch_size, stride=stride, grid=grid,
-                       batch_size=batch_size or (512 if device.startswith("cuda") else 16))  # as rawdiff-infer
-    cases = (photo_cases(photos, be.meta.camera, crop=crop, per_side=per_side) if photos
-             else raw_cases(raw_dir, crop=crop, per_side=per_side))
-    cf_isp = be.meta.isp if photos else None  # --raw: each file's own render ISP (EvalCase.isp)
-    echo = lambda s: click.echo(s, err=True)  # noqa: E731
-    echo(f"{len(cases)} images{f' ({crop}x{crop} crops)' if crop else ''}, {be.describe()} ({why})")
+    tiles = _tiles(p, be, device)
+    crop, per_side = p["crop"], p["per_side"]
+    cases = (photo_cases(p["photos"], be.meta.camera, crop=crop, per_side=per_side) if p["photos"]
+             else raw_cases(p["raw_dir"], crop=crop, per_side=per_side))
+    cf_isp = be.meta.isp if p["photos"] else None  # --raw: each file's own render ISP (EvalCase.isp)
+    console.err(f"{len(cases)} images{f' ({crop}x{crop} crops)' if crop else ''}, {be.describe()} ({why})")
     shown: dict[str, Any] = {}
 
     def keep(label: str, seed: int, encoded: list[np.ndarray]) -> None:
-        if figure_path and not shown:
+        if p["figure_path"] and not shown:
             shown.update(label=label, seed=seed, outputs=encoded[:FIGURE_MAX_IMAGES])
 
     rows = (closed_form_rows(cases, cf_isp) + baseline_rows(cases)
-            + evaluate(be, cases, specs, seeds or (0,), tiles=tiles, echo=echo, consistency=configs,
-                       on_outputs=keep))
+            + evaluate(be, cases, p["specs"], p["seeds"] or (0,), tiles=tiles, echo=console.err,
+                       consistency=configs, on_outputs=keep))
     summary = summarise(rows)
-    click.echo(table(summary))
-    if json_path:
+    console.out(table(summary))
+    _reports(p, console, model_path, device, be, configs, cases, rows, summary, shown, cf_isp)
+
+
+def _reports(p: dict[str, Any], console: Any, model_path: Any, device: str, be: Any, configs: list[Any],
+             cases: list[EvalCase], rows: list[EvalRow], summary: list[dict[str, Any]], shown: dict[str, Any],
+             cf_isp: Any) -> None:
+    """--json, --plot and --figure, each written atomically (a failed write leaves no temporary)."""
+    force, figure_path = p["force"], p["figure_path"]
+    if p["json_path"]:
         from rawdiff_infer.fsio import write_bytes
 
-        report = {"device": device, "model": str(model_path), "crop": crop, "stride": stride, "grid": grid,
-                  "isp": be.meta.isp.to_dict() if be.meta.isp is not None else None,
-                  "consistency": [c.mode for c in configs], "skip": skip,
+        report = {"device": device, "model": str(model_path), "crop": p["crop"], "stride": p["stride"],
+                  "grid": p["grid"], "isp": be.meta.isp.to_dict() if be.meta.isp is not None else None,
+                  "consistency": [c.mode for c in configs], "skip": p["skip"],
                   "regions": {"determined": "no channel of the 8-bit input >= 250", "clipped": "a channel >= 250",
                               "mean": "image-level: the mean of per-image PSNRs over the images with pixels in "
                                       "the region (images_determined / images_clipped of them)"},
@@ -710,25 +743,21 @@ def cli(photos, raw_dir, ckpt, specs, modes, skip, seeds, crop, per_side, stride
                   "figure": ({"path": str(figure_path), "row": shown.get("label"), "seed": shown.get("seed")}
                              if figure_path else None),
                   "summary": summary, "rows": [asdict(r) for r in rows]}
-        write_bytes(json_path, json.dumps(report, indent=1).encode(), overwrite=force)
-    if plot_path:
-        plot(summary, plot_path, title=f"{len(cases)} held-out images, {device}", overwrite=force)
+        write_bytes(p["json_path"], json.dumps(report, indent=1).encode(), overwrite=force)
+    if p["plot_path"]:
+        plot(summary, p["plot_path"], title=f"{len(cases)} held-out images, {device}", overwrite=force)
     if figure_path:
         n = len(shown["outputs"])
         forms = [closed_form(c.isp or cf_isp, c.srgb) if (c.isp or cf_isp) is not None else None
                  for c in cases[:n]]
         figure(cases[:n], shown["outputs"], forms, figure_path, overwrite=force,
                title=f"{shown['label']}, seed {shown['seed']} (the first sampler, consistency mode and seed only)")
-        echo(f"figure: {show_path(figure_path)} ({shown['label']}, seed {shown['seed']}, {n} images)")
+        console.err(f"figure: {show_path(figure_path)} ({shown['label']}, seed {shown['seed']}, {n} images)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="rawdiff-eval: %(levelname)s: %(message)s")
-    try:
-        cli.main(args=argv, prog_name="rawdiff-eval")
-    except KeyboardInterrupt:
-        click.echo("rawdiff-eval: interrupted", err=True)
-        sys.exit(130)
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name=_PROG)
 
 
 if __name__ == "__main__":

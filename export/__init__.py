@@ -9,6 +9,11 @@ The ONNX metadata reader and the engine builder belong to the runtime (``rawdiff
 and rebuild exported files without this package; they are named here for convenience.
 """
 
+from rawdiff_infer.startup import begin_command as _begin_command
+
+# rawdiff-export imports this package (torch, onnx: seconds) before its cli module: closed streams and Ctrl-C
+_begin_command("rawdiff-export", __file__.replace("__init__.py", "cli.py"))
+
 from rawdiff_infer.backends.onnx_info import OnnxInfo, OnnxInfoError, read_onnx_info, read_onnx_meta
 
 from .onnx_export import (PARITY_TOLERANCE, ExportedCheckpoint, ExportError, check_graph, check_parity,

@@ -31,11 +31,11 @@ from rawdiff_infer.backends.trt_runtime import INSTALL_HINT, TensorRT, TensorRTN
 from rawdiff_infer.backends.trt_sidecar import detect_gpu, sidecar_path
 from rawdiff_infer.checkpoint import CheckpointError, file_sha256, load_checkpoint
 from rawdiff_infer.console import OneLineCommand
+from rawdiff_infer.fsio import check_target, reading
 from rawdiff_infer.interrupts import Interrupted, handle_interrupts
 from rawdiff_infer.messages import first_line, show_path
 
-from .onnx_export import (ExportedCheckpoint, ExportError, check_targets, default_out_dir, export_model,
-                          onnx_targets, output_stem)
+from .onnx_export import ExportedCheckpoint, ExportError, default_out_dir, export_model, onnx_targets, output_stem
 from .trt_build import describe_target
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "ExportOptions", "main"]
@@ -143,10 +143,11 @@ def _plan(opts: ExportOptions) -> Plan:
     trt, engine, note = _engine_plan(opts, onnx[opts.engine_precision])
     aoti = _aoti_target(opts)
     outputs = [*onnx.values(), *([engine, sidecar_path(engine)] if engine else []), *([aoti] if aoti else [])]
-    try:
-        check_targets(outputs, overwrite=opts.force)
+    try:  # fsio's rule: no existing file without --force, never a non-regular file or a file the run reads
+        for target in outputs:
+            check_target(target, overwrite=opts.force)
         if opts.build.timing_cache and trt is not None:
-            check_targets([Path(opts.build.timing_cache)], overwrite=True)  # a cache is refreshed; a FIFO is not
+            check_target(opts.build.timing_cache, overwrite=True)  # a cache is refreshed; a FIFO is not
     except OSError as e:
         raise CliError(_os_message(e), EXIT_USAGE) from None
     return Plan(onnx=onnx, trt=trt, engine=engine, engine_note=note, aoti=aoti)
@@ -351,8 +352,8 @@ def main(**params: Any) -> None:
                         else logging.WARNING, format="rawdiff-export: %(levelname)s: %(message)s", stream=sys.stderr,
                         force=True)
     try:
-        with handle_interrupts(_stopped):
-            code = run(ExportOptions.from_params(params))
+        with handle_interrupts(_stopped), reading([params["ckpt"]]):
+            code = run(ExportOptions.from_params(params))  # the checkpoint is never replaced, not with --force
     except CliError as e:
         click.echo(f"rawdiff-export: error: {e}", err=True)
         code = e.code

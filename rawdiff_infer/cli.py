@@ -12,6 +12,7 @@ Exit status: 0 all done, 1 some inputs failed, 2 bad command line / model / outp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,12 +22,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import click
+from .startup import begin_command
+
+begin_command("rawdiff-infer", __file__)  # before the heavy imports: closed streams, Ctrl-C while importing
+
+import click  # noqa: E402
 
 from .console import Console, OneLineCommand
 from .interrupts import Interrupted, exit_code_of, handle_interrupts
 from .messages import first_line, show_path
-from .plan import FORMATS, Job, UsageError, check_outputs, expand_inputs, plan_outputs, prepare_output_dir, shard
+from .plan import (FORMATS, Job, UsageError, check_outputs, expand_inputs, plan_outputs, prepare_output_dir, shard,
+                   world_from_env)
 from .samplers import DEFAULT_METHOD, SAMPLERS, SPECS
 from .tiling import GRIDS, WINDOWS
 
@@ -108,19 +114,6 @@ class InferOptions:
 
 # ---- phases ------------------------------------------------------------------------------------------------------
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside it."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        raise UsageError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} / RANK={os.environ.get('RANK')!r} "
-                         "are not integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return rank, world
-
-
 def _resolve_device(device: str) -> str:
     """auto -> cuda[:LOCAL_RANK] or cpu; a CUDA device must exist (UsageError otherwise)."""
     import torch
@@ -140,9 +133,14 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _plan(opts: InferOptions, console: Console, rank: int, world: int) -> tuple[list[Job], int, int, int]:
-    """Inputs, outputs and their checks. Returns (jobs to run, inputs failed so far, skipped, inputs)."""
+def _plan(opts: InferOptions, console: Console, rank: int, world: int,
+          reads: contextlib.ExitStack) -> tuple[list[Job], int, int, int]:
+    """Inputs, outputs and their checks. Returns (jobs to run, inputs failed so far, skipped, inputs). The inputs
+    and the model are declared read in ``reads`` (``fsio.reading``): no output replaces one, not with --force."""
+    from .fsio import reading
+
     expanded = expand_inputs(opts.inputs)
+    reads.enter_context(reading([*expanded.paths, opts.ckpt, opts.model_file]))
     if rank == 0:  # under torchrun, input problems are reported (and counted) once
         for note in expanded.notes:
             console.warn(note)
@@ -254,7 +252,7 @@ def _os_problem(e: OSError, directory: Path) -> str:
     from .fsio import OutputExistsError
 
     if isinstance(e, OutputExistsError):
-        return "exists (it appeared while rawdiff was working); not replaced (use --force to replace)"
+        return f"{e.strerror or 'exists'} (use --force to replace)"
     if e.strerror:
         return e.strerror
     msg = first_line(e)
@@ -318,10 +316,17 @@ def _check_size(job: Job, pixels: Any) -> str | None:
 
 def run(opts: InferOptions, console: Console, state: dict[str, Any]) -> int:
     """Run rawdiff-infer with validated options; returns the exit status (raises UsageError for exit 2)."""
-    rank, world = _world()
-    todo, failed, skipped, n_inputs = _plan(opts, console, rank, world)
-    if not todo:
-        return _summary(console, failed, 0, skipped, n_inputs)
+    rank, world = world_from_env()
+    with contextlib.ExitStack() as reads:
+        todo, failed, skipped, n_inputs = _plan(opts, console, rank, world, reads)
+        if not todo:
+            return _summary(console, failed, 0, skipped, n_inputs)
+        return _compute(opts, console, state, todo, failed, skipped, n_inputs)
+
+
+def _compute(opts: InferOptions, console: Console, state: dict[str, Any], todo: list[Job], failed: int,
+             skipped: int, n_inputs: int) -> int:
+    """Load the model, check it against the options, run the jobs."""
     device = _resolve_device(opts.device)
     with _load(opts, device) as be:
         rec = _reconstructor(opts, be, device)

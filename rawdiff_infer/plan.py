@@ -21,11 +21,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fsio
 from .io import RAW_SUFFIXES, SUPPORTED_INPUT_SUFFIXES, is_supported_image
 from .messages import first_line, show_path
 
-__all__ = ["FORMATS", "Inputs", "Job", "UsageError", "check_output_file", "check_outputs", "expand_inputs",
-           "output_dir_of", "plan_outputs", "prepare_output_dir", "shard"]
+__all__ = ["FORMATS", "Inputs", "Job", "UsageError", "check_output_file", "check_output_files", "check_outputs",
+           "expand_inputs", "output_dir_of", "plan_outputs", "prepare_output_dir", "shard", "world_from_env"]
 
 FORMATS = {"dng": ".dng", "tiff": ".tiff", "npy": ".npy"}
 _SUFFIX_FORMAT = {".dng": "dng", ".tif": "tiff", ".tiff": "tiff", ".npy": "npy"}
@@ -195,6 +196,29 @@ def plan_outputs(inputs: list[Path], output: str | None, formats: tuple[str, ...
     return jobs
 
 
+def world_from_env(environ: dict[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, (0, 1) outside it; the one rule of every command.
+
+    A WORLD_SIZE or RANK that is not an integer, a RANK outside WORLD_SIZE, and a WORLD_SIZE above 1 without RANK
+    (a variable left over from another shell: the run would silently take a share of its inputs) are command-line
+    errors (:class:`UsageError`, exit 2).
+    """
+    env = os.environ if environ is None else environ
+    world_s, rank_s = env.get("WORLD_SIZE"), env.get("RANK")
+    try:
+        world = int(world_s) if world_s is not None else 1
+        rank = int(rank_s) if rank_s is not None else 0
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={world_s!r} / RANK={rank_s!r}: not integers (set by torchrun; unset them "
+                         "to run alone)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    if world > 1 and rank_s is None:
+        raise UsageError(f"WORLD_SIZE={world} is set but RANK is not (left over from another run? torchrun sets "
+                         "both; unset WORLD_SIZE to run alone)")
+    return rank, world
+
+
 def shard(jobs: list[Job], rank: int, world: int) -> list[Job]:
     """Under torchrun (WORLD_SIZE > 1) each rank takes every WORLD_SIZE-th input (planned over all inputs)."""
     return jobs[rank::world] if world > 1 else jobs
@@ -246,6 +270,25 @@ class Checked:
     errors: list[str] = field(default_factory=list)
 
 
+def _existing_outputs(job: Job, *, force: bool) -> tuple[dict[str, Path], str | None]:
+    """(the job's outputs that exist as regular files, None) or ({}, the first problem of an output path): a name
+    too long, a non-regular file, a file the run reads (``fsio.check_target``), a dangling link without force."""
+    existing: dict[str, Path] = {}
+    for fmt, path in job.outputs.items():
+        if (bad := _name_problem(path)) is not None:
+            return {}, f"{show_path(path)}: {bad}"
+        st, problem = _stat(path)
+        if problem:
+            return {}, f"{show_path(path)}: {problem}"
+        try:
+            fsio.check_target(path, overwrite=force or st is not None)
+        except OSError as e:
+            return {}, f"{show_path(path)}: {e.strerror or first_line(e)}"
+        if st is not None:
+            existing[fmt] = path
+    return existing, None
+
+
 def check_outputs(jobs: list[Job], *, force: bool, resume: bool) -> Checked:
     """Per job: existing outputs, odd things at output paths, unwritable folders (no compute yet).
 
@@ -259,22 +302,7 @@ def check_outputs(jobs: list[Job], *, force: bool, resume: bool) -> Checked:
         if st_src is None:
             res.errors.append(f"{show_path(job.source)}: {problem or 'no such file'}")
             continue
-        existing, bad = {}, None
-        for fmt, path in job.outputs.items():
-            if (bad := _name_problem(path)) is not None:
-                bad = f"{show_path(path)}: {bad}"
-                break
-            st, problem = _stat(path)
-            if problem:
-                bad = f"{show_path(path)}: {problem}"
-                break
-            if st is None:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                bad = f"{show_path(path)}: exists and is {kind}; it cannot be an output"
-                break
-            existing[fmt] = path
+        existing, bad = _existing_outputs(job, force=force)
         if bad:
             res.errors.append(bad)
             continue
@@ -303,17 +331,41 @@ def check_outputs(jobs: list[Job], *, force: bool, resume: bool) -> Checked:
 
 def check_output_file(path: str | os.PathLike[str], *, force: bool) -> None:
     """A report or plot target (``--json``, ``--plot``): its folder exists and can be written, it is not a folder or
-    another non-regular file, and it is not replaced without ``force``. UsageError (one line) otherwise."""
+    another non-regular file, not a file the run reads (``fsio.reading``; even with ``force``), and it is not
+    replaced without ``force``. UsageError (one line) otherwise."""
     p = Path(path)
     if (problem := _name_problem(p)) is not None:
         raise UsageError(f"{show_path(p)}: {problem}")
     st, problem = _stat(p)
     if problem:
         raise UsageError(f"{show_path(p)}: {problem}")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{show_path(p)}: exists and is not a regular file")
-    if st is not None and not force:
-        raise UsageError(f"{show_path(p)}: exists, not overwritten (use --force)")
+    try:
+        fsio.check_target(p, overwrite=force)
+    except fsio.OutputExistsError as e:
+        what = "exists" if st is not None else (e.strerror or "exists").split(";")[0]
+        raise UsageError(f"{show_path(p)}: {what}, not overwritten (use --force)") from None
+    except OSError as e:
+        raise UsageError(f"{show_path(p)}: {e.strerror or first_line(e)}") from None
     folder = p.parent if str(p.parent) else Path(".")
     if (problem := probe_directory(folder)) is not None:
         raise UsageError(f"{show_path(p)}: cannot write to {show_path(folder)}: {problem}")
+
+
+def check_output_files(named: dict[str, str | os.PathLike[str] | None], *, force: bool) -> None:
+    """Every report target of a command (option name -> path; None: not asked for), before any compute: each as
+    :func:`check_output_file`, and no two the same file (by name or by device and inode). UsageError otherwise."""
+    seen: dict[object, str] = {}
+    for option, path in named.items():
+        if not path:
+            continue
+        check_output_file(path, force=force)
+        keys: list[object] = [os.path.realpath(path)]
+        try:
+            st = os.stat(path)
+            keys.append((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        for key in keys:
+            if key in seen:
+                raise UsageError(f"{show_path(path)}: given as two reports ({seen[key]} and {option}); they must differ")
+        seen.update(dict.fromkeys(keys, option))

@@ -264,7 +264,7 @@ def test_a_report_that_is_an_input_is_refused_even_with_force(how: str, photos: 
     for option in ("--figure", "--json"):
         res = _invoke("--photos", photos, "--ckpt", ckpt, "--crop", 64, "--sampler", "ddim:1", option, target,
                       "--force")
-        _one_error(res, "is an input file")
+        _one_error(res, "is a file this run reads")
     assert victim.read_bytes() == before
 
 

@@ -17,12 +17,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any
 
-import click
+from rawdiff_infer.startup import begin_command
+
+begin_command("rawdiff-train", __file__)  # before the heavy imports: closed streams, Ctrl-C while importing
+
+import click  # noqa: E402
 
 from rawdiff_infer.console import OneLineCommand
 from rawdiff_infer.messages import first_line, show_path
@@ -76,7 +81,10 @@ class _Fail(Exception):
 
 
 def _err(msg: str) -> None:
-    click.echo(f"{PROG}: {msg}", err=True)
+    """``rawdiff-train: <msg>`` on stderr, one line (never failing: a closed stderr is not an error)."""
+    from rawdiff_infer.console import Console
+
+    Console(PROG).err(msg)
 
 
 class FiniteFloat(click.ParamType):
@@ -343,8 +351,6 @@ def training_isp(photos: bool, pairs: list, camera: Any, *, wb: str = "camera") 
 @click.option("-q", "--quiet", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True, help="Show the traceback of an internal error.")
 def cli(**params: Any) -> None:
-    logging.basicConfig(level=logging.INFO if not params["quiet"] else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
     opts = TrainOptions.from_click(params)
     if sum(bool(x) for x in (opts.photos, opts.raw, opts.fivek)) != 1:
         raise click.UsageError("give exactly one of --photos, --raw, --fivek")
@@ -423,8 +429,13 @@ def _guarded(opts: TrainOptions) -> int:
     def last_words(e: Interrupted) -> None:  # the watchdog's hard exit (the main thread did not unwind in time)
         _err(f"{e.verb} ({signal_name(e.signum)}); the last checkpoint is intact (--resume continues)")
 
+    from rawdiff_infer.console import Console
+    from rawdiff_infer.fsio import reading
+
+    console = Console(PROG, verbose=not opts.quiet)  # log records and warnings (Pillow's too) become our lines
+    inputs = [*opts.photos, opts.raw, opts.fivek, opts.train_list, opts.test_list, opts.init_ckpt]
     try:
-        with handle_interrupts(last_words):
+        with console.capture(), handle_interrupts(last_words), reading(inputs):  # inputs: never replaced
             return _run(opts)
     except Interrupted as e:
         last_words(e)
@@ -451,23 +462,31 @@ def _guarded(opts: TrainOptions) -> int:
 
 def _run(opts: TrainOptions) -> int:
     """The phases: check -> device -> data -> trainer (init / resume) -> train."""
+    from rawdiff_infer.plan import UsageError, world_from_env
+
     cfg = opts.train_config()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        _, world = world_from_env()
+    except UsageError as e:
+        raise _Fail(str(e), EXIT_USAGE) from None
     if opts.batch_size % (world * opts.grad_accum):
         raise _Fail(f"--batch-size {opts.batch_size} must divide by the number of processes x --grad-accum "
                     f"({world} x {opts.grad_accum})", EXIT_USAGE)
+    _check_list_files(opts)
     out_dir = Path(opts.out)
     _check_out_dir(out_dir)
-    if opts.resume and not (out_dir / "latest").is_file():
-        raise _Fail(f"--resume: {show_path(opts.out)} has no checkpoint yet")
+    resume_from = _resume_point(out_dir) if opts.resume else None
+    if not opts.resume:
+        _refuse_existing_run(out_dir)
     device = _device(opts.device, world)
     pool, val, meta = _data(opts, device, out_dir)
-    trainer = _trainer(opts, cfg, pool, val, meta, device, out_dir)
-    rows = trainer.run(progress=not opts.quiet, max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
+    trainer = _trainer(opts, cfg, pool, val, meta, device, out_dir, resume_from)
+    rows = trainer.run(progress=not opts.quiet and sys.stderr.isatty(),
+                       max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
     if trainer.rank == 0 and rows:
         last = rows[-1]
         click.echo(f"done: step {trainer.step}, loss {last['loss']:.4f}, {last['samples_per_s']:.0f} samples/s; "
-                   f"checkpoint {out_dir / (out_dir / 'latest').read_text().strip() / 'model.safetensors'}")
+                   f"checkpoint {out_dir / f'ckpt-{trainer.step:07d}' / 'model.safetensors'}")
     if world > 1:
         import torch.distributed as dist
 
@@ -524,15 +543,17 @@ def _data(opts: TrainOptions, device: str, out_dir: Path):  # noqa: ANN202
     return pool, val, meta
 
 
-def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, device: str, out_dir: Path):  # noqa
-    """The Trainer, with its validation set, started from --init or restored by --resume."""
+def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, device: str, out_dir: Path,  # noqa
+             resume_from: Path | None = None):
+    """The Trainer, with its validation set, started from --init or restored by --resume (from ``resume_from``,
+    the checkpoint folder ``_resume_point`` checked)."""
     from rawdiff_infer.checkpoint import CheckpointError
 
     from .trainer import Trainer
     from .validation import ValidationSet, center_crop
 
-    if opts.resume:
-        meta = _resumed_meta(meta, out_dir)
+    if resume_from is not None:
+        meta = _resumed_meta(meta, resume_from)
     validate = None
     if val:
         import numpy as np
@@ -551,18 +572,80 @@ def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, devi
         except (CheckpointError, OSError, ValueError) as e:
             raise _Fail(f"--init {show_path(opts.init_ckpt)}: {_ckpt_message(e, opts.init_ckpt)}") from None
         meta.provenance["initialised_from"] = {"path": str(opts.init_ckpt), **origin}
-    if opts.resume:
-        where = out_dir / "latest"
+    if resume_from is not None:
         try:
-            where = out_dir / where.read_text().strip()
-            trainer.load(where)
+            trainer.load(resume_from)
         except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
-            raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
-        click.echo(f"resumed from step {trainer.step}", err=True)
+            raise _Fail(f"--resume: cannot restore {show_path(resume_from)} ({first_line(e)})") from None
+        if not opts.quiet:
+            _err(f"resumed from step {trainer.step}")
     return trainer
 
 
-def _resumed_meta(meta: Any, out_dir: Path) -> Any:
+#: what rawdiff-train writes into a run folder (checkpoint folders are ``ckpt-NNNNNNN``)
+RUN_FILES = ("latest", "log.csv", "tb")
+_CKPT_NAME = re.compile(r"ckpt-\d{7,}")
+
+
+def _refuse_existing_run(out_dir: Path) -> None:
+    """Without --resume, a run folder that holds a run (or any file of the names rawdiff-train writes: ``latest``,
+    ``log.csv``, ``tb``, ``ckpt-*``, a user's own included) is refused before any compute (exit 2): nothing it did
+    not write in this run is ever replaced."""
+    if not out_dir.is_dir():
+        return
+    try:
+        found = sorted(q.name for q in out_dir.iterdir() if q.name in RUN_FILES or _CKPT_NAME.fullmatch(q.name))
+    except OSError as e:
+        raise _Fail(f"--out {show_path(out_dir)}: cannot list it ({e.strerror or first_line(e)})", EXIT_USAGE) from None
+    if found:
+        shown = ", ".join(show_path(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise _Fail(f"--out {show_path(out_dir)}: already holds {shown}; --resume continues a run there, or train "
+                    "into a new --out (nothing was replaced)", EXIT_USAGE)
+
+
+def _resume_point(out_dir: Path) -> Path:
+    """The checkpoint folder --resume continues: ``latest`` must be rawdiff-train's (a regular file naming a
+    ``ckpt-NNNNNNN`` folder) and every file read from that folder a regular file, checked without opening a FIFO
+    (exit 2 otherwise; exit 1 when there is no checkpoint yet)."""
+    from rawdiff_infer.fsio import NotRegularFileError, check_regular, open_regular
+
+    latest = out_dir / "latest"
+    if not os.path.lexists(latest):
+        raise _Fail(f"--resume: {show_path(out_dir)} has no checkpoint yet")
+    try:
+        for name in ("log.csv",):
+            if os.path.lexists(out_dir / name):
+                check_regular(out_dir / name)
+        with open_regular(latest) as f:
+            text = f.read(256).decode("utf-8", "replace").strip()
+        if not _CKPT_NAME.fullmatch(text):
+            raise _Fail(f"--resume: {show_path(latest)} was not written by rawdiff-train (it does not name a "
+                        "ckpt-NNNNNNN folder); not replaced", EXIT_USAGE)
+        where = out_dir / text
+        for name in ("model.safetensors", "train_state.safetensors", "train_state.json"):
+            check_regular(where / name)
+    except NotRegularFileError as e:
+        raise _Fail(f"--resume: {show_path(e.filename)}: {e.strerror}", EXIT_USAGE) from None
+    except OSError as e:
+        raise _Fail(f"--resume: cannot restore {show_path(e.filename or latest)} ({e.strerror or first_line(e)})") \
+            from None
+    return where
+
+
+def _check_list_files(opts: TrainOptions) -> None:
+    """--train-list / --test-list are regular files (a FIFO would block the read for ever): exit 2 otherwise."""
+    from rawdiff_infer.fsio import check_regular
+
+    for option, path in (("--train-list", opts.train_list), ("--test-list", opts.test_list)):
+        if path is None:
+            continue
+        try:
+            check_regular(path)
+        except OSError as e:
+            raise _Fail(f"{option} {show_path(path)}: {e.strerror or first_line(e)}", EXIT_USAGE) from None
+
+
+def _resumed_meta(meta: Any, where: Path) -> Any:
     """``meta`` with the ISP of the checkpoint --resume continues (the same ISP, as stored), or this run's where
     that checkpoint predates ISP descriptions. A different ISP (other --camera, other data) is a command-line
     error (exit 2): the model would be described with an ISP it was not trained for."""
@@ -572,9 +655,7 @@ def _resumed_meta(meta: Any, out_dir: Path) -> Any:
 
     from .isp_fit import isp_close, isp_summary
 
-    where = out_dir / "latest"
     try:
-        where = out_dir / where.read_text().strip()
         stored = read_meta(where / "model.safetensors")
     except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
         raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
-from rawdiff_infer.fsio import atomic_path, write_bytes
+from rawdiff_infer.fsio import atomic_path, check_regular, open_append, open_regular, write_bytes
 from rawdiff_infer.model import UNet, UNetConfig
 from rawdiff_infer.schedule import Schedule
 
@@ -324,11 +325,14 @@ class Trainer:
         d = Path(ckpt_dir)
         if not (d / "train_state.safetensors").exists():
             raise FileNotFoundError(f"{d}: no train_state.safetensors (not a rawdiff-train checkpoint)")
+        for name in ("model.safetensors", "train_state.safetensors", "train_state.json"):
+            check_regular(d / name)  # a FIFO would block the read, and every signal with it
         ema, stored = load_checkpoint(d / "model.safetensors", device=self.device)
         check_resumable(stored, dataclasses.replace(self.meta, model=self.model.config), d)  # never mix two runs
         self.ema.load_state_dict(ema.state_dict())
         tensors = load_file(str(d / "train_state.safetensors"))
-        scalars = json.loads((d / "train_state.json").read_text())
+        with open_regular(d / "train_state.json") as f:
+            scalars = json.loads(f.read().decode("utf-8"))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
@@ -362,7 +366,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not progress or self.rank != 0, unit="step")
         t0, n0, window = time.perf_counter(), self.step, []
         started = t0
-        with open(log_path, "a", newline="") if self.rank == 0 else contextlib.nullcontext() as fh:
+        with _open_log(log_path) if self.rank == 0 else contextlib.nullcontext() as fh:
             writer = csv.writer(fh) if self.rank == 0 else None
             if writer and new:
                 writer.writerow(["step", "loss", "lr", "samples_per_s", "val_psnr"])
@@ -458,6 +462,11 @@ class Trainer:
         for k, v in row.items():
             if k != "step" and not math.isnan(v):
                 self._tb.add_scalar(k, v, int(row["step"]))
+
+
+def _open_log(path: Path) -> io.TextIOWrapper:
+    """The CSV log, opened for appending through ``fsio.open_append`` (a FIFO there is refused, not waited on)."""
+    return io.TextIOWrapper(open_append(path), encoding="utf-8", newline="")
 
 
 def train(source: BatchSource, out_dir: str | os.PathLike, **kwargs: Any) -> Trainer:
