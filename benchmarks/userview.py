@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -118,9 +119,10 @@ def _peak(dev: torch.device) -> float | None:
 
 
 def bench_photo(rec: Any, height: int, width: int, *, label: str = "", repeats: int = 2,
-                ms_per_patch: float | None = None) -> PhotoResult:
-    """Time ``rec.reconstruct`` on one synthetic photo (one warm-up run first)."""
-    img = synthetic_photo(height, width)
+                ms_per_patch: float | None = None, image: np.ndarray | None = None) -> PhotoResult:
+    """Time ``rec.reconstruct`` on one photo (one warm-up run first): ``image`` (H x W x 3, height x width), or a
+    synthetic one."""
+    img = synthetic_photo(height, width) if image is None else image
     dev = rec.backend.device
     rec.reconstruct(img, seed=0)  # warm-up: compilation, allocator, graph capture
     if dev.type == "cuda":
@@ -141,8 +143,13 @@ def bench_photo(rec: Any, height: int, width: int, *, label: str = "", repeats: 
 
 
 def bench_folder(rec: Any, frames: int, height: int, width: int, *, modes: tuple[str, ...] = ("sequential",
-                 "pipelined"), max_pack: int = 8, ms_per_patch: float | None = None) -> list[FolderResult]:
-    """A folder of ``frames`` JPEG frames through both loops, side by side (DNG outputs into a temporary folder)."""
+                 "pipelined"), max_pack: int = 8, ms_per_patch: float | None = None,
+                 frame: Callable[[int], np.ndarray] | None = None,
+                 around: Callable[[str], ContextManager[Any]] | None = None) -> list[FolderResult]:
+    """A folder of ``frames`` JPEG frames through both loops, side by side (DNG outputs into a temporary folder).
+
+    ``frame(i)``: the i-th frame (height x width x 3 uint8; default: synthetic). ``around(mode)``: a context manager
+    entered around each mode's timed run (e.g. a profiler)."""
     from PIL import Image
 
     from rawdiff_infer.io import read_image, write_dng
@@ -155,9 +162,10 @@ def bench_folder(rec: Any, frames: int, height: int, width: int, *, modes: tuple
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "in"
         src.mkdir()
+        make = frame or (lambda i: synthetic_photo(height, width, seed=i))
         for i in range(frames):
-            Image.fromarray(synthetic_photo(height, width, seed=i)).save(src / f"f{i:03d}.jpg", quality=92)
-        rec.reconstruct(synthetic_photo(height, width), seed=0)  # warm-up
+            Image.fromarray(make(i)).save(src / f"f{i:03d}.jpg", quality=92)
+        rec.reconstruct(make(0), seed=0)  # warm-up
         camera = rec.backend.meta.camera
         for mode in modes:
             out = Path(d) / mode
@@ -165,6 +173,8 @@ def bench_folder(rec: Any, frames: int, height: int, width: int, *, modes: tuple
             jobs = [Job(p, {"dng": out / (p.stem + ".dng")}) for p in sorted(src.iterdir())]
             meter = BusyMeter(rec.backend)
             r = RawReconstructor(meter, sampler=rec.sampler, tiles=rec.tiles)  # type: ignore[arg-type]
+            scope = around(mode) if around is not None else contextlib.nullcontext()
+            scope.__enter__()
             t0 = time.perf_counter()
             packs = 0
             if mode == "sequential":
@@ -184,6 +194,7 @@ def bench_folder(rec: Any, frames: int, height: int, width: int, *, modes: tuple
                 packs = runner.stats.packs
             wall = time.perf_counter() - t0
             busy = meter.busy_s()
+            scope.__exit__(None, None, None)
             n = r.patches_for(height, width)
             bound = frames * rec.sampler.num_steps * n * mpp / 1000.0
             results.append(FolderResult(mode, frames, width, height, wall, frames / wall, busy / wall, bound,
