@@ -30,7 +30,7 @@ option defaults and reconstructor), not copies of them.
    counted once). Every row's output is compared with the fp32 eager NCHW model on the same inputs
    (``rel_err`` = ||out - ref|| / ||ref||). ``winners`` names the fastest row per dtype and batch and the ratios
    (channels_last / NCHW, cudnn.benchmark on / off, compile / eager, graph / compile); a kernel profile of the
-   fastest compiled fp16 row (``bench.profile_unet``).
+   compiled fp16 row at batch 1024 (``bench.profile_unet``: where the time goes, convolutions included).
 3. ``correctness``: every ``gpu``-marked test (a pytest subprocess over the test files that hold the marker;
    output in gpu_tests.log, gpu_tests.xml); CUDA-graph replay of the bundled model equal to eager, also on a
    device index that is not the current device when there are several GPUs (else 'skipped: one GPU'); the
@@ -579,19 +579,20 @@ def phase_unet(ctx: Context) -> None:
             r = rows[-1]
             log.info("U-Net %s: %.2f ms, %.1f TFLOP/s, rel err %.1e", what, r["ms_median"], r["tflops"], r["rel_err"])
             ctx.res.phase(ph, rows=rows, winners=_winners(rows))
-        if (variant, batch, dtype, cudnn) == ("compile", ctx.default_batch, ctx.default_dtype, False):
-            _compiled_photo(ctx, keep.get((dtype, variant, batch)), rows[-1]["ms_median"] / batch if rows else None)
+        be = keep.get((dtype, variant, batch))
+        if be is not None and (dtype, variant, batch, cudnn) == _profile_target(ctx):
+            _profile_row(ctx, be, batch, what)
+        if be is not None and (variant, batch, dtype, cudnn) == ("compile", ctx.default_batch, ctx.default_dtype,
+                                                                 False):
+            _compiled_photo(ctx, be, rows[-1]["ms_median"] / batch)
         for k in [k for k in keep if k != (dtype, variant, batch) or k[1] == "graph"]:
             _free(keep.pop(k))  # keep only the backend a cudnn.benchmark toggle may reuse next
     torch.backends.cudnn.benchmark = False
     _free(*keep.values())
-    _profile_fastest(ctx, rows)
 
 
-def _compiled_photo(ctx: Context, be: Any, mpp: float | None) -> None:
+def _compiled_photo(ctx: Context, be: Any, mpp: float) -> None:
     """The 2048x2048 image at the defaults plus --compile, and plus --compile --cuda-graph (whole-step graph)."""
-    if be is None or mpp is None:
-        return
     img = ctx.inputs.photos["2048x2048"]
     rows = ctx.res.data["phases"].setdefault("defaults", {}).setdefault("photos_fast", [])
     torch.backends.cudnn.benchmark = False
@@ -610,26 +611,23 @@ def _compiled_photo(ctx: Context, be: Any, mpp: float | None) -> None:
         rec.close()
 
 
-def _profile_fastest(ctx: Context, rows: list[dict[str, Any]]) -> None:
-    """Kernel categories of the fastest compiled row without a graph (the profiler sees every kernel)."""
-    from rawdiff_bench.bench import profile_unet
-    from rawdiff_bench.runner import torch_variant
+def _profile_target(ctx: Context) -> tuple[str, str, int, bool]:
+    """The row whose kernels are profiled: compiled (no graph: the profiler then sees every kernel) at batch 1024 on
+    the GPU; channels_last at the defaults' batch in a rehearsal without compiles."""
+    if ctx.rehearse:
+        return (ctx.default_dtype, "compile" if ctx.with_compile else "cl", ctx.default_batch, False)
+    return (ctx.default_dtype, "compile", 1024, False)
 
-    cands = [r for r in rows if r["variant"] in ("torch/compile", "torch/cl") and r["dtype"] == ctx.default_dtype]
-    if not cands:
-        ctx.skip("unet", "kernel profile", "no compiled or channels_last row was measured")
+
+def _profile_row(ctx: Context, be: Any, batch: int, what: str) -> None:
+    """Where one call of this backend spends its device time (``bench.profile_unet``: kernel categories)."""
+    from rawdiff_bench.bench import profile_unet
+
+    if not ctx.fits("unet", f"kernel profile of {what}", 10.0):
         return
-    r = max(cands, key=lambda r: r["tflops"])
-    what = f"kernel profile of {r['dtype']} {r['variant']} batch {r['batch']}"
-    if not ctx.fits("unet", what, _unet_estimate(ctx, r["variant"].split("/")[1], r["batch"]) + 5):
-        return
-    with ctx.item("unet", what):
-        torch.backends.cudnn.benchmark = r["cudnn_benchmark"]
-        be = torch_variant(ctx.model, ctx.meta, r["variant"].split("/")[1], r["dtype"], ctx.device, r["batch"])
-        prof = profile_unet(be, batch=r["batch"], calls=3 if ctx.cuda else 1)
+    with ctx.item("unet", f"kernel profile of {what}"):
+        prof = profile_unet(be, batch=batch, calls=3 if ctx.cuda else 1)
         ctx.res.phase("unet", profile={**prof, "of": what})
-        torch.backends.cudnn.benchmark = False
-        _free(be)
 
 
 # ---- phase 3: correctness ----------------------------------------------------------------------------------------
