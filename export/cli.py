@@ -30,7 +30,7 @@ from rawdiff_infer.backends.trt_build import (BuildOptions, BuildResult, EngineB
 from rawdiff_infer.backends.trt_runtime import INSTALL_HINT, TensorRT, TensorRTNotFound, load_tensorrt
 from rawdiff_infer.backends.trt_sidecar import detect_gpu, sidecar_path
 from rawdiff_infer.checkpoint import CheckpointError, file_sha256, load_checkpoint
-from rawdiff_infer.console import OneLineCommand
+from rawdiff_infer.console import Console, OneLineCommand
 from rawdiff_infer.fsio import check_target, reading
 from rawdiff_infer.interrupts import Interrupted, handle_interrupts
 from rawdiff_infer.messages import first_line, show_path
@@ -251,6 +251,9 @@ def _export(opts: ExportOptions, model: Any, meta: Any, sha: str) -> ExportedChe
         raise CliError(f"{first_line(e)} (nothing was written)") from None
     except OSError as e:
         raise CliError(f"cannot write: {_os_message(e)} (nothing was written)") from None
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:  # torch cannot trace this U-Net
+        raise CliError(f"{show_path(opts.ckpt)}: its U-Net cannot be exported ({type(e).__name__}: "
+                       f"{first_line(e)}) (nothing was written)") from None
 
 
 def _build(opts: ExportOptions, plan: Plan, exported: ExportedCheckpoint) -> BuildResult | None:
@@ -348,11 +351,9 @@ def _stopped(e: Interrupted) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary; the written paths and errors only.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (TensorRT messages included).")
 def main(**params: Any) -> None:
-    logging.basicConfig(level=logging.INFO if params["verbose"] else logging.ERROR if params["quiet"]
-                        else logging.WARNING, format="rawdiff-export: %(levelname)s: %(message)s", stream=sys.stderr,
-                        force=True)
+    console = Console("rawdiff-export", verbose=params["verbose"])  # torch's exporter logs: only with -v
     try:
-        with handle_interrupts(_stopped), reading([params["ckpt"]]):
+        with console.capture(libraries=False), handle_interrupts(_stopped), reading([params["ckpt"]]):
             code = run(ExportOptions.from_params(params))  # the checkpoint is never replaced, not with --force
     except CliError as e:
         click.echo(f"rawdiff-export: error: {e}", err=True)

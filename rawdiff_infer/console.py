@@ -28,11 +28,14 @@ __all__ = ["Console", "OneLineCommand"]
 
 
 class _Handler(logging.Handler):
-    def __init__(self, console: "Console") -> None:
+    def __init__(self, console: "Console", *, libraries: bool = True) -> None:
         super().__init__()
         self.console = console
+        self.libraries = libraries
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not self.libraries and not record.name.startswith("rawdiff"):
+            return  # a library's own log (torch's exporter: dozens of lines per failure); -v shows them
         try:
             msg = first_line(record.getMessage()) if record.getMessage() else record.name
             self.console.err(f"{record.levelname.lower()}: {msg}")
@@ -93,15 +96,17 @@ class Console:
         self.err(f"warning: {message}")
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[None]:
-        """Route Python warnings and library log records to one-line messages (restored on exit)."""
+    def capture(self, *, libraries: bool = True) -> Iterator[None]:
+        """Route Python warnings and log records to one-line messages (restored on exit). Loggers that a library
+        gave its own stderr handler (torch's) are routed here too while active. ``libraries=False``: records of
+        loggers outside rawdiff are dropped unless ``verbose``."""
         root = logging.getLogger()
-        handler = _Handler(self)
+        handler = _Handler(self, libraries=libraries or self.verbose)
         handler.setLevel(logging.INFO if self.verbose else logging.WARNING)
         saved_handlers, saved_level = root.handlers[:], root.level
         root.handlers = [handler]
         root.setLevel(logging.INFO if self.verbose else logging.WARNING)
-        # loggers that do not propagate (a library's own configuration) are left alone
+        own = _own_handlers()
         saved_show = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -116,6 +121,22 @@ class Console:
             warnings.showwarning = saved_show
             root.handlers = saved_handlers
             root.setLevel(saved_level)
+            for logger, (handlers, propagate) in own.items():
+                logger.handlers, logger.propagate = handlers, propagate
+
+
+def _own_handlers() -> dict[logging.Logger, tuple[list[logging.Handler], bool]]:
+    """Detach the stream handlers that libraries attached to their own non-propagating loggers (torch prints
+    ``W1207 12:00:00 ...`` lines through one), letting their records propagate to ours; returns what to restore."""
+    saved = {}
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger) or logger.propagate or not logger.handlers:
+            continue
+        if any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+            saved[logger] = (logger.handlers[:], logger.propagate)
+            logger.handlers, logger.propagate = [], True
+    return saved
 
 
 class OneLineCommand(click.Command):

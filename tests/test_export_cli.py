@@ -134,7 +134,7 @@ def test_fifo_outputs_are_refused_even_with_force(tmp_path: Path, ckpt: Path) ->
     os.mkfifo(out / "tiny.fp16.onnx")
     r = CliRunner().invoke(main, ["--ckpt", str(ckpt), "--out", str(out), "--onnx-only", "--force"])
     assert r.exit_code == EXIT_USAGE, r.output
-    assert "tiny.fp16.onnx: exists and is not a regular file" in _err_lines(r.output)[0]
+    assert "tiny.fp16.onnx: exists and is a FIFO" in _err_lines(r.output)[0]
     assert (out / "tiny.fp16.onnx").is_fifo() and sorted(os.listdir(out)) == ["tiny.fp16.onnx"]
 
 
@@ -143,7 +143,7 @@ def test_fifo_timing_cache_is_refused(tmp_path: Path, ckpt: Path) -> None:
     os.mkfifo(tmp_path / "timing.cache")
     r = CliRunner().invoke(main, ["--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--timing-cache",
                                   str(tmp_path / "timing.cache")])
-    assert r.exit_code == EXIT_USAGE and "not a regular file" in r.output, r.output
+    assert r.exit_code == EXIT_USAGE and "timing.cache: exists and is a FIFO" in r.output, r.output
 
 
 @pytest.mark.parametrize("args, match", [

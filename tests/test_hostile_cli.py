@@ -406,3 +406,27 @@ def test_infer_output_names_of_multibyte_utf8_up_to_255_bytes(size: int, ckpt: P
     assert r.exit_code == 0, r.output
     assert np.load(target).shape == (24, 28, 3)
     no_debris(tmp_path)
+
+
+# ---- rawdiff-export of a U-Net that loads but cannot run: one line, not torch's exporter logs ------------------------
+
+EXPORT_UNRUNNABLE = """
+import sys, torch
+from rawdiff_infer import model as M
+forward = M.UNet.forward
+def broken(self, x, c, t):  # loads and validates, but its graph has a shape error torch finds only when tracing
+    h = forward(self, x, c, t)
+    return h[:, :, :-1] + h[:, :, 1:] @ torch.ones(h.shape[-1] + 1, 3)
+M.UNet.forward = broken
+from rawdiff_export.cli import main
+sys.argv = ["rawdiff-export", *sys.argv[1:]]
+main()
+"""
+
+
+def test_export_of_an_unrunnable_unet_is_one_line(ckpt: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", EXPORT_UNRUNNABLE, "--ckpt", str(ckpt), "--onnx-only", "--no-parity",
+                           "--out", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    one_line(proc.stderr, "rawdiff-export", "cannot be exported", ckpt.name)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
