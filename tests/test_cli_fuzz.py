@@ -117,3 +117,173 @@ def test_mutated_image_headers(base: dict[str, Path], tmp_path_factory: pytest.T
     _check_outcome(r, out)
     if r.exit_code == 1:
         assert str(src) in r.stderr  # the failed input is named
+
+
+# ---- issue 23: every command, hostile file kinds and sizes wherever a command reads or writes ------------------------
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+from conftest import generated_photos  # noqa: E402
+
+KINDS = ["fifo", "directory", "empty", "dangling symlink", "huge", "garbage"]
+#: (command, role): where the hostile thing goes; "output" roles are files the command writes
+ROLES = [("rawdiff-infer", "input"), ("rawdiff-infer", "output"), ("rawdiff-infer", "ckpt"),
+         ("rawdiff-train", "train-list"), ("rawdiff-train", "init"), ("rawdiff-train", "latest"),
+         ("rawdiff-train", "train_state.safetensors"), ("rawdiff-train", "train_state.json"),
+         ("rawdiff-train", "log.csv"), ("rawdiff-eval", "ckpt"), ("rawdiff-eval", "json"),
+         ("rawdiff-eval", "photo"), ("rawdiff-export", "ckpt"), ("rawdiff-export", "output"),
+         ("rawdiff-bench", "ckpt"), ("rawdiff-bench", "json"), ("rawdiff-bench", "image")]
+OUTPUT_ROLES = {"output", "json"}
+#: a run's own log that --resume appends to may be empty, or hold anything: only a non-regular one is refused
+LOG_MAY_BE = {"empty", "garbage", "huge"}
+TRAIN = ["--config", "tiny", "--batch-size", "2", "--variants", "1", "--val-count", "0", "--device", "cpu", "-q"]
+
+
+def _make(path: Path, kind: str) -> None:
+    """Put a hostile thing of ``kind`` at ``path`` (replacing what is there)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "dangling symlink":
+        os.symlink(path.parent / "nowhere", path)
+    elif kind == "huge":  # 2 GiB of zeros, sparse: nothing may read it whole
+        with open(path, "wb") as f:
+            f.truncate(2 << 30)
+    else:
+        path.write_bytes(np.random.default_rng(len(str(path))).bytes(3000))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """What every case copies: a tiny model, a photo folder, a RAW folder, a finished one-step training run."""
+    from rawdiff_train.cli import cli as train
+
+    d = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(UNet(TINY_CONFIG), d / "tiny.safetensors")
+    (d / "photos").mkdir()
+    photos = generated_photos(d / "photos", 2)
+    run = d / "run"
+    r = CliRunner().invoke(train, ["--photos", str(photos), "--out", str(run), *TRAIN, "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    return {"ckpt": ckpt, "photos": photos, "run": run}
+
+
+def _case(world: dict[str, Path], work: Path, command: str, role: str, kind: str, force: bool):
+    """(click command, its arguments, the path given the hostile kind) for one case."""
+    from rawdiff_bench.cli import cli as bench
+    from rawdiff_bench.evaluate import cli as evaluate
+    from rawdiff_export.cli import main as export
+    from rawdiff_train.cli import cli as train
+
+    ckpt = work / "tiny.safetensors"
+    shutil.copy(world["ckpt"], ckpt)
+    photos = work / "photos"
+    shutil.copytree(world["photos"], photos)
+    photo = next(iter(sorted(photos.iterdir())))
+    f = ["--force"] if force else []
+    target = {"ckpt": ckpt, "input": photo, "image": photo, "photo": photo, "output": work / "out.npy",
+              "json": work / "r.json", "train-list": work / "list.txt", "init": ckpt}.get(role)
+    if command == "rawdiff-infer":
+        if role == "output":
+            target = work / "out.npy"
+        args, cmd = [photo, "--ckpt", ckpt, "--steps", "1", "-o", work / "out.npy", *f], cli
+    elif command == "rawdiff-train":
+        run = work / "run"
+        shutil.copytree(world["run"], run)
+        latest = run / (run / "latest").read_text().strip()
+        if role in ("latest", "log.csv"):
+            target = run / role
+        elif role.startswith("train_state"):
+            target = latest / role
+        args, cmd = ["--photos", photos, "--out", run, *TRAIN, "--steps", "2", "--resume"], train
+        if role == "train-list":
+            (work / "raw").mkdir()
+            (work / "raw" / "a.dng").write_bytes(b"")
+            args = ["--fivek", work / "raw", "--train-list", target, "--out", work / "new", *TRAIN, "--steps", "1"]
+        elif role == "init":
+            args = ["--photos", photos, "--out", work / "new", *TRAIN, "--steps", "1", "--init", target]
+    elif command == "rawdiff-eval":
+        args, cmd = ["--photos", photos, "--ckpt", ckpt, "--sampler", "ddim:1", "--crop", "16", "--device", "cpu",
+                     "--json", work / "r.json", *f], evaluate
+    elif command == "rawdiff-export":
+        if role == "output":
+            target = work / "tiny.onnx"
+        args, cmd = ["--ckpt", ckpt, "--onnx-only", "--no-parity", "-q", *f], export
+    else:
+        args, cmd = ["--ckpt", ckpt, "--device", "cpu", "--batch", "1", "--repeats", "1", "--warmup", "0",
+                     "--image", photo, "--json", work / "r.json", *f], bench
+    assert target is not None
+    return cmd, [str(a) for a in args], target
+
+
+def _snapshot(folder: Path) -> dict[Path, tuple[int, str]]:
+    """Every regular file under ``folder`` (links not followed, huge sparse files by size): inode and digest."""
+    snap = {}
+    for p in folder.rglob("*"):
+        if p.is_symlink() or not p.is_file():
+            continue
+        st = p.stat()
+        digest = f"size {st.st_size}" if st.st_size > 1 << 26 else hashlib.sha256(p.read_bytes()).hexdigest()
+        snap[p] = (st.st_ino, digest)
+    return snap
+
+
+@contextmanager
+def _no_hang(seconds: int):
+    """A blocked open() or read() (a FIFO) fails the example instead of hanging the suite."""
+    def alarm(signum, frame):  # noqa: ANN001, ANN202
+        raise TimeoutError(f"the command blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@seed(20261207)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(ROLES), kind=st.sampled_from(KINDS), force=st.booleans())
+def test_hostile_files_everywhere(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
+                                  where: tuple[str, str], kind: str, force: bool) -> None:
+    command, role = where
+    work = tmp_path_factory.mktemp("hostile")
+    cmd, args, target = _case(world, work, command, role, kind, force)
+    _make(target, kind)
+    protected = {p: v for p, v in _snapshot(work).items() if "run" not in p.relative_to(work).parts}
+    own_run = {p: v for p, v in _snapshot(work).items() if p not in protected}
+    with _no_hang(120):
+        r = CliRunner().invoke(cmd, args)
+    assert not isinstance(r.exception, TimeoutError), (command, role, kind)
+    assert r.exception is None or isinstance(r.exception, SystemExit), (command, role, kind, repr(r.exception))
+    assert r.exit_code in (0, 1, 2), (command, role, kind, r.exit_code, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in r.stderr and all(ln.startswith(f"{command}: ") for ln in lines), r.stderr
+    if r.exit_code == 2:
+        assert len(lines) == 1, r.stderr  # refused before any compute: one line
+    if role not in OUTPUT_ROLES and role != "photo" and not (role == "log.csv" and kind in LOG_MAY_BE):
+        assert r.exit_code in (1, 2), (command, role, kind, r.output)  # a hostile input never passes
+    assert not [p for p in work.rglob("*") if p.name.endswith(".tmp")], list(work.rglob("*"))
+    after = _snapshot(work)
+    for p, v in protected.items():  # inputs: never replaced, not with --force; the rest only with --force
+        if force and p == target and role in OUTPUT_ROLES:
+            continue
+        if force and command == "rawdiff-export" and p.suffix == ".onnx":
+            continue
+        assert after.get(p) == v, (command, role, kind, force, p)
+    if role not in ("latest", "log.csv") and not role.startswith("train_state"):
+        for p, v in own_run.items():
+            assert after.get(p) == v, (command, role, kind, p)

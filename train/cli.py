@@ -632,17 +632,25 @@ def _resume_point(out_dir: Path) -> Path:
     return where
 
 
+#: the largest --train-list / --test-list file read (InvISP's lists are about 100 KB)
+MAX_LIST_BYTES = 16 << 20
+
+
 def _check_list_files(opts: TrainOptions) -> None:
-    """--train-list / --test-list are regular files (a FIFO would block the read for ever): exit 2 otherwise."""
+    """--train-list / --test-list are regular files (a FIFO would block the read for ever) of at most
+    ``MAX_LIST_BYTES``: exit 2 otherwise."""
     from rawdiff_infer.fsio import check_regular
 
     for option, path in (("--train-list", opts.train_list), ("--test-list", opts.test_list)):
         if path is None:
             continue
         try:
-            check_regular(path)
+            size = check_regular(path).st_size
         except OSError as e:
             raise _Fail(f"{option} {show_path(path)}: {e.strerror or first_line(e)}", EXIT_USAGE) from None
+        if size > MAX_LIST_BYTES:
+            raise _Fail(f"{option} {show_path(path)}: {size} bytes; a list of file names is at most "
+                        f"{MAX_LIST_BYTES >> 20} MiB", EXIT_USAGE)
 
 
 def _resumed_meta(meta: Any, where: Path) -> Any:
