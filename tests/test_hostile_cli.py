@@ -430,3 +430,16 @@ def test_export_of_an_unrunnable_unet_is_one_line(ckpt: Path, tmp_path: Path) ->
     assert proc.returncode == 1, proc.stderr
     one_line(proc.stderr, "rawdiff-export", "cannot be exported", ckpt.name)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_infer_on_a_full_disk_fails_the_input_with_one_line_and_no_temporary(ckpt: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _photo(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    full_disk(monkeypatch)
+    r = _invoke(_commands()["rawdiff-infer"], [src, "--ckpt", ckpt, "--steps", "1", "-o", out, "--format", "npy",
+                                               "--format", "tiff"])
+    assert r.exit_code == 1, r.output
+    one_line(r, "rawdiff-infer", "No space left on device")
+    assert os.listdir(out) == []
