@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
-import io
 import os
 import threading
 
 import pytest
+
+from faults import full_disk
 
 from rawdiff_infer import fsio
 from rawdiff_infer.fsio import (InputReplaceError, NotRegularFileError, OutputExistsError, atomic_path, atomic_write,
@@ -105,22 +106,8 @@ def test_refuse_non_regular_files(tmp_path):
 
 # ---- issue 23: data loss, debris on a full disk, long UTF-8 names, logs -------------------------------------------
 
-class _FullDisk(io.FileIO):
-    """A file on a full disk: every write fails with ENOSPC (so the buffered file's close fails again)."""
-
-    def write(self, b):  # noqa: ANN001, ANN201
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 def test_a_failed_write_leaves_no_temporary_even_when_close_fails_again(tmp_path, monkeypatch):
-    real = fsio._new_temporary
-
-    def on_full_disk(target):  # noqa: ANN001, ANN202
-        f, tmp = real(target)
-        f.close()
-        return io.BufferedRandom(_FullDisk(tmp, "r+b")), tmp
-
-    monkeypatch.setattr(fsio, "_new_temporary", on_full_disk)
+    full_disk(monkeypatch)
     with pytest.raises(OSError) as info:
         write_bytes(tmp_path / "x.npy", b"data that never reaches the disk")
     assert info.value.errno == errno.ENOSPC

@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TINY_CONFIG, generated_photos
+from faults import full_disk
 from PIL import Image
 
 from rawdiff_infer.checkpoint import save_checkpoint
@@ -193,29 +194,6 @@ def test_eval_bad_inputs_are_one_line(case: str, ckpt: Path, tmp_path: Path) -> 
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     one_line(r.stderr.splitlines()[-1] if r.stderr else "", "rawdiff-eval")
     assert all(ln.startswith("rawdiff-eval: ") for ln in r.stderr.splitlines() if ln.strip()), r.stderr
-
-
-class _FullDisk(__import__("io").FileIO):
-    def write(self, b):  # noqa: ANN001, ANN201
-        import errno
-
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
-def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every write through fsio fails with ENOSPC, its close too (the simulated full disk of issue 23)."""
-    import io
-
-    from rawdiff_infer import fsio
-
-    real = fsio._new_temporary
-
-    def on_full_disk(target):  # noqa: ANN001, ANN202
-        f, tmp = real(target)
-        f.close()
-        return io.BufferedRandom(_FullDisk(tmp, "r+b")), tmp
-
-    monkeypatch.setattr(fsio, "_new_temporary", on_full_disk)
 
 
 @pytest.mark.parametrize("report", ["--json", "--plot"])
