@@ -93,3 +93,19 @@ def test_cuda_graph_matches_eager() -> None:
     x, c, t = (torch.randn(5, 3, 64, 64, device="cuda"), torch.randn(5, 3, 64, 64, device="cuda"),
                torch.full((5,), 10.0, device="cuda"))
     torch.testing.assert_close(graphed(x, c, t), eager(x, c, t), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_on_a_gpu_that_is_not_the_current_one() -> None:
+    """Issue 23, bug 3: captured for cuda:1 while cuda:0 is current, the graph must compute on cuda:1 (replay of a
+    graph that captured nothing returns the same stale eps whatever the input)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    assert torch.cuda.current_device() == 0
+    eager = _backend("fp16", device="cuda:1")
+    graphed = _backend("fp16", device="cuda:1", cuda_graph=True, max_batch_size=8)
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        x, c = torch.randn(5, 3, 64, 64, generator=g).to("cuda:1"), torch.randn(5, 3, 64, 64, generator=g).to("cuda:1")
+        t = torch.full((5,), 10.0 + seed, device="cuda:1")
+        torch.testing.assert_close(graphed(x, c, t), eager(x, c, t), rtol=2e-3, atol=2e-3)

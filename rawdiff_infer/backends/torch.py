@@ -133,16 +133,8 @@ class TorchBackend(Backend):
             sx = self._prep(torch.zeros(bs, 3, p, p, device=self.device))
             sc = self._prep(torch.zeros(bs, 3, p, p, device=self.device))
             st = torch.zeros(bs, device=self.device)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):  # warm-up (and compilation) outside the capture
-                    self._forward(sx, sc, st)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                so = self._forward(sx, sc, st).float()
-            self._graph, self._static = graph, (sx, sc, st, so)
+            self._graph, so = self._capture(sx, sc, st)
+            self._static = (sx, sc, st, so)
         sx, sc, st, so = self._static  # type: ignore[misc]
         if x_t.shape[1:] != sx.shape[1:]:
             raise BackendError(f"CUDA graph captured for patches {tuple(sx.shape[1:])}, got {tuple(x_t.shape[1:])}")
@@ -155,6 +147,24 @@ class TorchBackend(Backend):
             st[n:].zero_()
         self._graph.replay()
         return so[:n].clone()
+
+    def _capture(self, sx: torch.Tensor, sc: torch.Tensor, st: torch.Tensor) -> tuple[torch.cuda.CUDAGraph,
+                                                                                      torch.Tensor]:
+        """Warm up and record the forward on the static inputs: (graph, its output). Recorded on a side stream of
+        this backend's own device (``stream=``: without it torch captures on the *current* device, and on cuda:N
+        the kernels would run eagerly while replay returns stale eps), in ``thread_local`` mode so that another
+        thread pinning memory meanwhile (the runner's decode thread) cannot break the capture."""
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm-up (and compilation) outside the capture
+                    self._forward(sx, sc, st)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                so = self._forward(sx, sc, st).float()
+        return graph, so
 
     @torch.inference_mode()
     def _probe(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
