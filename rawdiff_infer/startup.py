@@ -6,7 +6,8 @@ before the heavy imports (torch, numpy, onnx take seconds):
 - **Closed standard streams** (``2>&-``, ``>&-``, ``<&-``): the descriptor is opened on ``/dev/null``, and the
   ``sys.stdout`` / ``sys.stderr`` that Python left as None are recreated. Otherwise every message (a progress bar,
   a log line) fails with "'NoneType' object has no attribute 'write'", and worse, the next file rawdiff opens
-  would get descriptor 2 and receive the messages meant for stderr.
+  would get descriptor 2 and receive the messages meant for stderr. A stderr whose reader goes away (EPIPE) is
+  pointed at ``/dev/null`` at its first failed write: progress bars never fail a run.
 - **Signals during the imports:** until :func:`interrupts.handle_interrupts` takes over, Ctrl-C, SIGTERM and
   SIGHUP end the process at once with one line and the status 128 + N: nothing has been written yet, so nothing
   needs cleaning up (without this, Ctrl-C in the first second prints a KeyboardInterrupt traceback from inside an
@@ -50,6 +51,39 @@ def reopen_standard_streams() -> None:
             setattr(sys, f"__{name}__", stream)
 
 
+class _UnfailingStderr:
+    """``sys.stderr`` that a reader going away cannot fail: on the first failed write or flush (EPIPE: ``2>&1 |
+    head``, a closed pipe) descriptor 2 is pointed at ``/dev/null`` and the run goes on, as ``console.Console`` does
+    for stdout. Everything else is the wrapped stream's."""
+
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+
+    def _silence(self) -> None:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except OSError:
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            self._silence()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
 def _runs_as_command(prog: str, module_file: str) -> bool:
     """Whether the process is the command ``prog``: its console script, or ``python -m`` of ``module_file``."""
     main = sys.modules.get("__main__")
@@ -79,6 +113,8 @@ def begin_command(prog: str, module_file: str) -> bool:
     if not _runs_as_command(prog, module_file):
         return False
     reopen_standard_streams()
+    if not isinstance(sys.stderr, _UnfailingStderr):
+        sys.stderr = _UnfailingStderr(sys.stderr)  # type: ignore[assignment]
     handler = _exit_at_once(prog)
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         if hasattr(signal, name):

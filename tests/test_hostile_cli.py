@@ -421,3 +421,21 @@ def test_infer_on_a_full_disk_fails_the_input_with_one_line_and_no_temporary(ckp
     assert r.exit_code == 1, r.output
     one_line(r, "rawdiff-infer", "No space left on device")
     assert os.listdir(out) == []
+
+
+def test_a_stderr_nobody_reads_fails_nothing(photos: Path, ckpt: Path, tmp_path: Path) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # every write to stderr is EPIPE
+    try:
+        src = _photo(tmp_path / "a.png")
+        proc = subprocess.run([str(BIN / "rawdiff-infer"), str(src), "--ckpt", str(ckpt), "--steps", "2",
+                               "--progress", "-o", str(tmp_path / "o.npy")], stderr=writer, stdout=subprocess.PIPE,
+                              timeout=300)
+        assert proc.returncode == 0 and (tmp_path / "o.npy").is_file(), proc.stdout
+        out = tmp_path / "run"
+        proc = subprocess.run([str(BIN / "rawdiff-train"), "--photos", str(photos), "--out", str(out),
+                               *[a for a in TRAIN_FAST if a != "-q"], "--steps", "2"], stderr=writer,
+                              stdout=subprocess.PIPE, timeout=300)
+        assert proc.returncode == 0 and (out / "latest").is_file(), proc.stdout
+    finally:
+        os.close(writer)
