@@ -84,3 +84,21 @@ def test_pool_over_samples_clipped_patches_and_keeps_the_default_draws() -> None
     assert torch.equal(plain[:32], cond[:32])  # the uniform part draws exactly as before
     with pytest.raises(ValueError, match="clipped_fraction"):
         _pool(1.5)
+
+
+def test_training_curve_plot_from_session_results(tmp_path: Path) -> None:
+    from rawdiff_bench.curve import curve_points, plot_curve
+
+    results = {"phases": {"train": {"log": [{"step": 10, "loss": 0.5}, {"step": 20, "loss": float("nan")},
+                                            {"step": 30, "loss": 0.2}],
+                                    "curve": [{"step": 0, "val_psnr": 30.0, "val_psnr_clipped": None},
+                                              {"step": 30, "val_psnr": 35.0, "val_psnr_clipped": 25.0}]}}}
+    pts = curve_points(results)
+    assert pts == {"loss": [(10, 0.5), (30, 0.2)], "psnr": [(0, 30.0), (30, 35.0)], "psnr_clipped": [(30, 25.0)]}
+    out = tmp_path / "c.png"
+    plot_curve(results, out, closed_form={"all": 33.0, "clipped": 27.0})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileExistsError):
+        plot_curve(results, out)
+    with pytest.raises(ValueError, match="nothing|no training"):
+        plot_curve({"phases": {}}, tmp_path / "d.png")

@@ -10,6 +10,10 @@ several sizes for the price of one licence. The held-out rule also holds for the
 treats ``<held-out stem>.<anything>`` as held out. ``manifest.json`` names every source photo with its sha256 and
 the copies made of it (a model trained on the folder names them in its provenance), and the total size is checked
 against ``--budget-mb`` (the device machine's carry limit) before anything is written.
+
+``--heldout-out DIR`` also writes the held-out photos found, each once at ``--heldout-size`` (long side, never
+upscaled) under its own stem (``mate_Aqua.jpg``): still held out by name, they are the held-out curve and the
+sampler table of a GPU session (``rawdiff_bench.gpu_session``), and never train.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from rawdiff_infer.messages import first_line, show_path
 from .data import list_photos
 from .heldout import split_held_out
 
-__all__ = ["Copy", "plan_sizes", "prepare", "main"]
+__all__ = ["Copy", "heldout_copies", "plan_sizes", "prepare", "main"]
 
 PROG = "rawdiff-prepare"
 
@@ -62,6 +66,19 @@ def _scaled(img: Image.Image, long_side: int, quality: int) -> tuple[bytes, int,
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: no chroma loss added to the scene
     return buf.getvalue(), size[0], size[1]
+
+
+def heldout_copies(folders: Sequence[str | Path], size: int, *, quality: int = 95) -> list[Copy]:
+    """One copy of every held-out photo of ``folders`` at long side ``size`` (or its own, if smaller), named by its
+    own stem (so ``heldout.is_held_out`` still says so)."""
+    _, held = split_held_out(list_photos(list(folders)))
+    out = []
+    for f in held:
+        with Image.open(f) as im:
+            img = ImageOps.exif_transpose(im).convert("RGB")
+        data, w, h = _scaled(img, min(size, max(img.size)), quality)
+        out.append(Copy(f"{f.stem}.jpg", f.name, w, h, data))
+    return out
 
 
 def prepare(folders: Sequence[str | Path], sizes: Sequence[int], *, quality: int = 95
@@ -98,8 +115,13 @@ def prepare(folders: Sequence[str | Path], sizes: Sequence[int], *, quality: int
 @click.option("--quality", type=click.IntRange(50, 100), default=95, show_default=True, help="JPEG quality.")
 @click.option("--budget-mb", type=click.FloatRange(0.1), default=36.0, show_default=True,
               help="Refuse to write more than this (MiB).")
+@click.option("--heldout-out", type=click.Path(file_okay=False),
+              help="Also write the held-out photos found here, once each (evaluation only).")
+@click.option("--heldout-size", type=click.IntRange(64), default=1024, show_default=True,
+              help="Long side of the held-out copies (pixels).")
 @click.option("--force", is_flag=True, help="Replace copies and manifest already in --out.")
-def cli(folders: tuple[str, ...], out: str, sizes: str, quality: int, budget_mb: float, force: bool) -> None:
+def cli(folders: tuple[str, ...], out: str, sizes: str, quality: int, budget_mb: float, heldout_out: str | None,
+        heldout_size: int, force: bool) -> None:
     try:
         long_sides = [int(s) for s in sizes.split(",") if s.strip()]
         if not long_sides or min(long_sides) < 64:
@@ -109,20 +131,25 @@ def cli(folders: tuple[str, ...], out: str, sizes: str, quality: int, budget_mb:
                                  param_hint="--sizes") from None
     try:
         copies, manifest = prepare(folders, long_sides, quality=quality)
+        held = heldout_copies(folders, heldout_size, quality=quality) if heldout_out else []
     except (OSError, ValueError) as e:
         click.echo(f"{PROG}: error: {first_line(e)}", err=True)
         sys.exit(1)
-    mb = manifest["bytes"] / 2**20
+    mb = (manifest["bytes"] + sum(len(c.data) for c in held)) / 2**20
     if mb > budget_mb:
         click.echo(f"{PROG}: error: the copies take {mb:.1f} MiB, over --budget-mb {budget_mb:g}: use smaller "
                    "--sizes or a lower --quality", err=True)
         sys.exit(2)
     dest = Path(out)
-    dest.mkdir(parents=True, exist_ok=True)
     try:
+        dest.mkdir(parents=True, exist_ok=True)
         for c in copies:
             write_bytes(dest / c.name, c.data, overwrite=force)
         write_bytes(dest / "manifest.json", json.dumps(manifest, indent=1).encode(), overwrite=force)
+        if heldout_out:
+            Path(heldout_out).mkdir(parents=True, exist_ok=True)
+            for c in held:
+                write_bytes(Path(heldout_out) / c.name, c.data, overwrite=force)
     except (OSError, FileExistsError) as e:
         click.echo(f"{PROG}: error: {first_line(e)}", err=True)
         sys.exit(1)
