@@ -90,6 +90,8 @@ class EvalCase:
             8-bit (the reconstructor's ``band_of``).
         isp: the ISP that rendered this input when the data source has its own (a RAW file's LibRaw render); None:
             the model's ISP (synthetic photos), or unknown.
+        jpeg_quality: the JPEG quality the input went through (the synthetic camera's draw), None if lossless or
+            unknown.
     """
 
     name: str
@@ -97,6 +99,7 @@ class EvalCase:
     target: np.ndarray
     band: Band | None = None
     isp: IspModel | None = None
+    jpeg_quality: int | None = None
 
 
 @dataclass
@@ -164,13 +167,14 @@ def _crops(a: np.ndarray, crop: int | None, per_side: int = 1) -> list[np.ndarra
 
 
 def crop_cases(name: str, srgb: np.ndarray, target: np.ndarray, crop: int | None, per_side: int = 1, *,
-               band: Band | None = None, isp: IspModel | None = None) -> list[EvalCase]:
+               band: Band | None = None, isp: IspModel | None = None,
+               jpeg_quality: int | None = None) -> list[EvalCase]:
     """The cases of one (sRGB, target) pair: the whole pair (no ``crop``), or its ``per_side`` x ``per_side``
-    crops, named ``name#k``; every case keeps the pair's ``band`` and ``isp`` (see ``EvalCase``)."""
+    crops, named ``name#k``; every case keeps the pair's ``band``, ``isp`` and ``jpeg_quality`` (``EvalCase``)."""
     xs, ys = _crops(srgb, crop, per_side), _crops(target, crop, per_side)
     if len(xs) == 1:
-        return [EvalCase(name, xs[0], ys[0], band, isp)]
-    return [EvalCase(f"{name}#{k}", x, y, band, isp) for k, (x, y) in enumerate(zip(xs, ys))]
+        return [EvalCase(name, xs[0], ys[0], band, isp, jpeg_quality)]
+    return [EvalCase(f"{name}#{k}", x, y, band, isp, jpeg_quality) for k, (x, y) in enumerate(zip(xs, ys))]
 
 
 def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, per_side: int = 1,
@@ -198,8 +202,10 @@ def photo_cases(folder: str | Path, camera: Any, *, crop: int | None = None, per
         except PhotoError as e:
             raise click.UsageError(first_line(e)) from None
         srgb = np.round(np.clip(pair.srgb, 0, 1) * 255).astype(np.uint8)
-        band = Band.for_input(255, jpeg_quality=pair.meta.get("jpeg_quality"))
-        cases += crop_cases(f.stem, srgb, enc.encode(pair.raw.astype(np.float32)), crop, per_side, band=band)
+        quality = pair.meta.get("jpeg_quality")
+        band = Band.for_input(255, jpeg_quality=quality)
+        cases += crop_cases(f.stem, srgb, enc.encode(pair.raw.astype(np.float32)), crop, per_side, band=band,
+                            jpeg_quality=quality)
     return cases
 
 

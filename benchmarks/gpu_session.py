@@ -72,6 +72,11 @@ class SessionArgs:
     run_dir: str = "/tmp/rawdiff-gpu-run"
     skip: tuple[str, ...] = ()
     weights: str | None = None
+    prediction: str = "eps"
+    space: str = "raw"
+    loss: str = "l2"
+    clipped_weight: float = 1.0
+    clipped_fraction: float = 0.0
 
 
 def select_photos(folders) -> tuple[list[Path], list[Path]]:
@@ -160,8 +165,9 @@ class HeldOutCurve:
         each = dict(zip(self.names, self.vset.last_scores))
         kodak = [v for k, v in each.items() if k.lower().startswith("kodim")]
         self.points.append({"step": step, "val_psnr": result["val_psnr"], "val_psnr_kodim": float(np.mean(kodak))
-                            if kodak else None, "psnr_each": each, "seconds": time.perf_counter() - t,
-                            "at": elapsed()})
+                            if kodak else None, "val_psnr_clipped": result.get("val_psnr_clipped"),
+                            "psnr_each": each, "regions_each": dict(zip(self.names, self.vset.last_regions)),
+                            "seconds": time.perf_counter() - t, "at": elapsed()})
         self.res.phase("train", curve=self.points)
         log_csv = self.run_dir / "log.csv"
         if log_csv.is_file():
@@ -192,6 +198,7 @@ def _curve(args: SessionArgs, res: Results, device: str, cam, meta, val_files: l
 def phase_train(args: SessionArgs, res: Results, device: str):
     from rawdiff_infer.camera import get_camera
     from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
+    from rawdiff_infer.formulation import Formulation
     from rawdiff_infer.model import UNetConfig
     from rawdiff_infer.schedule import ScheduleConfig
     from rawdiff_train.camera_isp import SyntheticCamera, described_camera
@@ -205,7 +212,7 @@ def phase_train(args: SessionArgs, res: Results, device: str):
     t = time.perf_counter()
     pairs = make_pairs(train_files, camera=cam, seed=0, variants=args.variants, workers=args.workers,
                        augmentation=augmentation, crop=192 if args.tiny else None)
-    pool = PairPool(pairs, device=device, patch=64)
+    pool = PairPool(pairs, device=device, patch=64, clipped_fraction=args.clipped_fraction)
     del pairs
     res.phase("train", data_seconds=time.perf_counter() - t, pool_images=len(pool), pool_mb=pool.nbytes / 1e6,
               train_files=[p.name for p in train_files], val_files=[p.name for p in val_files])
@@ -214,12 +221,15 @@ def phase_train(args: SessionArgs, res: Results, device: str):
         "data": "synthetic camera (nikon-d700) over " + ", ".join(str(p) for p in args.photos),
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
         "held_out_files": [p.name for p in val_files], "variants_per_photo": args.variants,
-        "scene_augmentation": augmentation.to_dict() if augmentation is not None else None},
-        isp=SyntheticCamera(cam).isp_model())  # make_pairs draws with the default randomization: one fixed ISP
+        "scene_augmentation": augmentation.to_dict() if augmentation is not None else None,
+        "clipped_fraction": args.clipped_fraction},
+        isp=SyntheticCamera(cam).isp_model(),  # make_pairs draws with the default randomization: one fixed ISP
+        formulation=Formulation(prediction=args.prediction, space=args.space))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,
                       warmup=args.warmup if args.warmup is not None else min(1000, args.steps // 5), ema_decay=0.999,
                       compile=device.startswith("cuda"), bf16=True, log_every=args.log_every,
-                      ckpt_every=10**9, val_every=args.val_every)
+                      ckpt_every=10**9, val_every=args.val_every, loss=args.loss,
+                      clipped_weight=args.clipped_weight)
     curve = _curve(args, res, device, cam, meta, val_files)
     trainer = Trainer(pool, Path(args.run_dir), config=cfg, meta=meta, device=device, validate=curve)
     prior_steps = 0
@@ -261,7 +271,8 @@ def phase_train(args: SessionArgs, res: Results, device: str):
     meta_final = ModelMeta(model=cfg_model, schedule=meta.schedule, camera=cam, provenance={
         **meta.provenance, "train_steps": trainer.step, "train_steps_total": prior_steps + trainer.step,
         "batch_size": cfg.batch_size, "final_loss": rows[-1]["loss"] if rows else None, "ema_decay": cfg.ema_decay,
-        "trained_on": res.data.get("env", {}).get("gpu"), "date": time.strftime("%Y-%m-%d")}, isp=meta.isp)
+        "trained_on": res.data.get("env", {}).get("gpu"), "date": time.strftime("%Y-%m-%d")}, isp=meta.isp,
+        formulation=meta.formulation)
     save_checkpoint(trainer.ema.float(), wdir, meta=meta_final, dtype=torch.float16, shard_bytes=12 << 20)
     res.phase("train", weights=sorted(p.name for p in wdir.iterdir()))
     return trainer.ema, meta_final, val_files
@@ -306,7 +317,8 @@ def phase_eval(args: SessionArgs, res: Results, device: str, ema, meta, val_file
                 ("ddpm", 1000, None), ("dpm-sde", 50, None), ("ddim", 50, None), ("ddim", 200, None)]
     # one reconstructor per fusion mode; swapping its sampler keeps the recorded step graph (same image size)
     recs = {}
-    for merge in ("step", "end"):
+    merges = ("step", "end") if meta.formulation.is_default else ("step",)  # end: eps over the RAW only
+    for merge in merges:
         tiles = TileConfig(stride=48 if merge == "step" else 64, merge=merge, batch_size=max_patches)
         recs[merge] = RawReconstructor(backend, sampler=SamplerConfig(method="dpm", steps=2), tiles=tiles,
                                        step_graph=cuda and merge == "step")
@@ -317,7 +329,7 @@ def phase_eval(args: SessionArgs, res: Results, device: str, ema, meta, val_file
     table, recon = [], {}
     per_eval = None
     for method, steps, order in settings:
-        for merge in ("step", "end"):
+        for merge in merges:
             est = None if per_eval is None else per_eval * steps * len(inputs)
             if est is not None and elapsed() + est > args.eval_until:
                 log.warning("skip %s-%d %s: needs ~%.0f s, budget left %.0f s", method, steps, merge, est,
@@ -552,6 +564,15 @@ def _seconds() -> click.ParamType:
               help="Trainer state (large; not under --out).")
 @click.option("--skip", multiple=True, type=click.Choice(["train", "eval", "bench"]))
 @click.option("--weights", type=click.Path(exists=True), help="Use these weights instead of training.")
+@click.option("--prediction", type=click.Choice(["eps", "x0"]), default="eps", show_default=True,
+              help="What the U-Net predicts (rawdiff_infer.formulation).")
+@click.option("--space", type=click.Choice(["raw", "residual"]), default="raw", show_default=True,
+              help="What is diffused: the RAW or its residual over the closed form.")
+@click.option("--loss", type=click.Choice(["l2", "l2+l1"]), default="l2", show_default=True)
+@click.option("--clipped-weight", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
+              help="Loss weight of pixels with a clipped input channel.")
+@click.option("--clipped-fraction", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Share of every batch cut around a clipped pixel (PairPool).")
 def cli(**opts: Any) -> None:
     if opts["resume_run"] and not (Path(opts["run_dir"]) / "latest").is_file():
         raise click.UsageError(f"--resume-run: {opts['run_dir']} holds no trainer state")

@@ -334,6 +334,15 @@ def training_isp(photos: bool, pairs: list, camera: Any, *, wb: str = "camera") 
 @click.option("--ema", type=FiniteFloat(0.0, 1.0, hi_open=True), default=0.999, show_default=True,
               help="EMA decay, in [0, 1).")
 @click.option("--schedule", type=click.Choice(["scaled_linear", "linear"]), default="scaled_linear", show_default=True)
+@click.option("--prediction", type=click.Choice(["eps", "x0"]), default="eps", show_default=True,
+              help="What the U-Net predicts: the noise (the paper's) or the clean RAW (with pixel losses).")
+@click.option("--space", type=click.Choice(["raw", "residual"]), default="raw", show_default=True,
+              help="What is diffused: the RAW (the paper's) or its residual over the closed-form inverse of the "
+              "input under the data's ISP (the network only adds what the ISP lost).")
+@click.option("--loss", type=click.Choice(["l2", "l2+l1"]), default="l2", show_default=True,
+              help="Per-pixel loss on the prediction.")
+@click.option("--clipped-weight", type=FiniteFloat(1.0, 1000.0), default=1.0, show_default=True,
+              help="Loss weight of pixels with a clipped input channel, relative to the others, in [1, 1000].")
 @click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast (CUDA).")
@@ -388,6 +397,10 @@ class TrainOptions:
     grad_clip: float = 1.0
     ema: float = 0.999
     schedule: str = "scaled_linear"
+    prediction: str = "eps"
+    space: str = "raw"
+    loss: str = "l2"
+    clipped_weight: float = 1.0
     seed: int = 0
     device: str = "auto"
     bf16: bool = True
@@ -415,7 +428,8 @@ class TrainOptions:
             return TrainConfig(steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
                                lr_min=self.lr_min, warmup=self.warmup, grad_clip=self.grad_clip,
                                ema_decay=self.ema, seed=self.seed, bf16=self.bf16, compile=self.compile_,
-                               ckpt_every=self.ckpt_every, val_every=self.val_every, log_every=self.log_every)
+                               ckpt_every=self.ckpt_every, val_every=self.val_every, log_every=self.log_every,
+                               loss=self.loss, clipped_weight=self.clipped_weight)
         except ValueError as e:
             raise _Fail(f"invalid training settings: {first_line(e)}", EXIT_USAGE) from None
 
@@ -511,6 +525,7 @@ def _device(device: str, world: int) -> str:
 def _data(opts: TrainOptions, device: str, out_dir: Path):  # noqa: ANN202
     """(pair pool on the device, validation pairs, model description); creates the run folder."""
     from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.formulation import Formulation
     from rawdiff_infer.model import UNetConfig
     from rawdiff_infer.schedule import ScheduleConfig
 
@@ -534,8 +549,11 @@ def _data(opts: TrainOptions, device: str, out_dir: Path):  # noqa: ANN202
         raise _Fail(f"--out {show_path(opts.out)}: cannot create the run folder ({e.strerror or first_line(e)})",
                     EXIT_USAGE) from None
     model_cfg = UNetConfig() if opts.config_name == "paper" else UNetConfig.tiny()
-    meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=opts.schedule), camera=cam, provenance=desc,
-                     isp=isp)
+    try:
+        meta = ModelMeta(model=model_cfg, schedule=ScheduleConfig(kind=opts.schedule), camera=cam, provenance=desc,
+                         isp=isp, formulation=Formulation(prediction=opts.prediction, space=opts.space))
+    except ValueError as e:  # a residual model of data whose ISP is unknown
+        raise _Fail(f"--space {opts.space}: {first_line(e)}", EXIT_USAGE) from None
     try:
         pool = PairPool(pairs, patch=model_cfg.patch_size, device=device)
     except ValueError as e:
@@ -573,8 +591,12 @@ def _trainer(opts: TrainOptions, cfg: Any, pool: Any, val: list, meta: Any, devi
             raise _Fail(f"--init {show_path(opts.init_ckpt)}: {_ckpt_message(e, opts.init_ckpt)}") from None
         meta.provenance["initialised_from"] = {"path": str(opts.init_ckpt), **origin}
     if resume_from is not None:
+        from .trainer import ResumeMismatch
+
         try:
             trainer.load(resume_from)
+        except ResumeMismatch as e:  # this run's command line asks for another model: a usage error
+            raise _Fail(f"--resume: {first_line(e)}", EXIT_USAGE) from None
         except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
             raise _Fail(f"--resume: cannot restore {show_path(resume_from)} ({first_line(e)})") from None
         if not opts.quiet:
@@ -667,6 +689,10 @@ def _resumed_meta(meta: Any, where: Path) -> Any:
         stored = read_meta(where / "model.safetensors")
     except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
         raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
+    if stored.formulation != meta.formulation:
+        raise _Fail(f"--resume: {show_path(where)} was trained as {stored.formulation.label()}, this run asks for "
+                    f"{meta.formulation.label()} (--prediction, --space); resume with the same, or train into a new "
+                    "--out", EXIT_USAGE)
     if stored.isp is None:
         return meta
     if not isp_close(stored.isp, meta.isp):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rawdiff_infer.checkpoint import ModelMeta, save_checkpoint
+from rawdiff_infer.consistency import batch_closed_form
 from rawdiff_infer.fsio import atomic_path, check_regular, open_append, open_regular, write_bytes
 from rawdiff_infer.model import UNet, UNetConfig
 from rawdiff_infer.schedule import Schedule
@@ -116,6 +117,10 @@ class TrainConfig:
     ckpt_every: int = 1_000
     val_every: int = 1_000
     log_every: int = 50
+    #: the per-pixel loss on the prediction (eps or x0, the model's formulation): "l2", or "l2+l1" (their sum)
+    loss: str = "l2"
+    #: weight of pixels with a clipped input channel in the loss, relative to the others (1: uniform), in [1, 1000]
+    clipped_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "val_every", "log_every"):
@@ -131,6 +136,27 @@ class TrainConfig:
             raise ValueError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g})")
         _finite("grad_clip", self.grad_clip, 0.0, lo_open=True)
         _finite("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        _finite("clipped_weight", self.clipped_weight, 1.0, 1000.0)
+
+
+#: the per-pixel losses TrainConfig.loss may name
+LOSSES = ("l2", "l2+l1")
+
+
+def pixel_loss(pred: torch.Tensor, target: torch.Tensor, clipped: torch.Tensor | None, cfg: TrainConfig
+               ) -> torch.Tensor:
+    """Mean per-pixel loss of ``pred`` against ``target`` ([B, 3, H, W], fp32): squared error, plus the absolute
+    error for "l2+l1"; pixels with a clipped input channel (``clipped`` [B, 1, H, W] bool) weigh
+    ``cfg.clipped_weight`` times the others. A 0-d tensor."""
+    d = pred - target
+    per = d.square()
+    if cfg.loss == "l2+l1":
+        per = per + d.abs()
+    if clipped is not None and cfg.clipped_weight != 1.0:
+        per = per * (1.0 + (cfg.clipped_weight - 1.0) * clipped.to(per.dtype))
+    return per.mean()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -215,7 +241,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         micro = self._micro_batches()
         total = torch.zeros((), device=self.device)
-        for i, (cond, x0, t, noise) in enumerate(micro):
+        for i, (cond, raw, t, noise) in enumerate(micro):
+            x0, clipped = self._state(cond, raw)
             x_t = self.schedule.q_sample(x0, t, noise)
             if self.cfg.channels_last:
                 x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -223,14 +250,30 @@ class Trainer:
             sync = i == len(micro) - 1 or self.world == 1
             ctx = self.net.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda and self.cfg.bf16):
-                eps = self._fwd(x_t, cond, t.float())
-                loss = F.mse_loss(eps.float(), noise) / len(micro)
+                out = self._fwd(x_t, cond, t.float()).float()
+                target = noise if self.meta.formulation.prediction == "eps" else x0
+                if self.cfg.loss == "l2" and clipped is None:
+                    loss = F.mse_loss(out, target) / len(micro)
+                else:
+                    loss = pixel_loss(out, target, clipped, self.cfg) / len(micro)
             loss.backward()
             total += loss.detach()
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
         return total
+
+    def _state(self, cond: torch.Tensor, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the diffused clean state, the clipped mask or None): the encoded RAW itself, or for a residual model
+        its residual over the closed form of ``cond`` (``consistency.batch_closed_form``, the q the runtime
+        samples against). The mask is computed only where the loss weighs clipped pixels or the state needs it."""
+        if self.meta.formulation.residual:
+            assert self.meta.isp is not None  # ModelMeta refuses a residual formulation without an ISP
+            q, clipped = batch_closed_form(self.meta.isp, cond, self.meta.encoding.gamma)
+            return raw - q, clipped
+        if self.cfg.clipped_weight != 1.0:
+            return raw, (cond >= 1.0).any(dim=1, keepdim=True)  # a channel at white: the input's level 255
+        return raw, None
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step on the global batch (warm-up/cosine lr, grad-norm clip, Adam, EMA); returns the mean
