@@ -8,8 +8,8 @@ import torch
 
 from rawdiff_infer.samplers import sample
 from rawdiff_infer.schedule import Schedule
-from rawdiff_infer.tiling import (WINDOWS, PatchGrid, TileConfig, TiledDenoiser, grid_starts, sample_independent,
-                                  window_1d)
+from rawdiff_infer.tiling import (CPU_CHUNK, WINDOWS, PatchGrid, TileConfig, TiledDenoiser, call_size, grid_starts,
+                                  sample_independent, window_1d)
 
 SCH = Schedule()
 
@@ -154,3 +154,47 @@ def test_graphed_denoiser_needs_a_capturable_cuda_backend() -> None:
 
     with pytest.raises(ValueError, match="capturable"):
         GraphedDenoiser(TiledDenoiser(PixelwiseModel(), torch.zeros(1, 3, 64, 64)))
+
+
+class BatchSensitiveModel(PixelwiseModel):
+    """PixelwiseModel plus 1e-4 times the batch size: what real CPU and GPU kernels do, in the small (their
+    rounding depends on the batch shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return super().__call__(x, cond, t) + 1e-4 * x.shape[0]
+
+
+def test_a_canvas_gets_the_same_eps_alone_and_packed_with_others() -> None:
+    """Issue 23: every backend call has one shape (the last one padded), so a canvas's eps does not depend on the
+    canvases that share its calls."""
+    g = torch.Generator().manual_seed(1)
+    conds = [torch.rand(3, h, w, generator=g) * 2 - 1 for h, w in ((40, 40), (100, 70), (64, 130))]
+    xs = [torch.randn(3, *c.shape[1:], generator=g) for c in conds]
+    t = torch.tensor([500.0])
+    cfg = TileConfig(stride=48, batch_size=8, chunk=4)
+    model = BatchSensitiveModel()
+    packed = TiledDenoiser(model, conds, cfg)
+    eps = packed.pack.unpack(packed(packed.pack.pack(xs), t, step=0))
+    assert set(model.sizes) == {4}
+    for c, x, e in zip(conds, xs, eps):
+        alone = TiledDenoiser(model, [c], cfg)
+        assert torch.equal(alone.pack.unpack(alone(alone.pack.pack([x]), t, step=0))[0], e)
+    assert set(model.sizes) == {4}
+
+
+def test_call_size_rule() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert call_size(TileConfig(batch_size=256), cpu) == CPU_CHUNK
+    assert call_size(TileConfig(batch_size=256), cuda) == 256
+    assert call_size(TileConfig(batch_size=256), cuda, max_batch=64) == 64
+    assert call_size(TileConfig(batch_size=1), cpu) == 1
+    assert call_size(TileConfig(batch_size=16, chunk=8), cpu) == 8
+    with pytest.raises(ValueError, match="chunk"):
+        TileConfig(batch_size=4, chunk=8)
+    with pytest.raises(ValueError, match="chunk"):
+        TileConfig(chunk=0)
