@@ -19,9 +19,9 @@ __all__ = ["BuildOptions", "BuildResult", "EngineBuildError", "build_engine", "d
 def describe_target(result: BuildResult, trt: TensorRT) -> str:
     """Where the engine runs, e.g. 'compute capability 8.6, 12.0 (ahead of time, no GPU)' or
     'NVIDIA H100 80GB HBM3 (compute capability 9.0)'."""
-    tgt = result.sidecar["target"]
+    side = result.sidecar
     if not trt.is_rtx:
-        return f"{tgt['gpu']} (compute capability {tgt['compute_capability']})"
-    where = (f"compute capability {', '.join(tgt['compute_capabilities'])}" if tgt["compute_capabilities"]
+        return f"{side.target_gpu} (compute capability {side.target_cc})"
+    where = (f"compute capability {', '.join(side.target_ccs)}" if side.target_ccs
              else "TensorRT-RTX's default targets (8.0, 8.6, 8.9, 12.x)")
-    return where + (" (ahead of time, no GPU)" if tgt["built_on_gpu"] is None else f" (built on {tgt['built_on_gpu']})")
+    return where + (" (ahead of time, no GPU)" if side.built_on_gpu is None else f" (built on {side.built_on_gpu})")

@@ -32,9 +32,15 @@ BLOCKER = textwrap.dedent("""
         importlib.import_module("rawdiff_infer.backends." + name)
     from pathlib import Path
     from rawdiff_infer.backends.trt_build import EngineBuildError, rebuild_engine
+    from rawdiff_infer.backends.trt_sidecar import SIDECAR_FORMAT, EngineSidecar
+    from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.model import UNetConfig
+    side = EngineSidecar.parse({"format": SIDECAR_FORMAT, "tensorrt": {"flavour": "tensorrt", "version": "10"},
+                                "target": {}, "onnx": {"path": "/nonexistent/m.onnx"},
+                                "profile": {"min_batch": 1, "opt_batch": 1, "max_batch": 1, "patch_size": 64},
+                                "rawdiff": ModelMeta(model=UNetConfig.tiny()).to_dict()})
     try:  # the rebuild path starts without touching the export package
-        rebuild_engine(Path("m.plan"), {"onnx": {"path": "/nonexistent/m.onnx"}, "profile": {}}, "why", trt=None,
-                       device=0)
+        rebuild_engine(Path("m.plan"), side, "why", trt=None, device=0)
     except EngineBuildError as e:
         assert "nonexistent" in str(e)
     assert not any(m == "rawdiff_export" or m.startswith("rawdiff_export.") for m in sys.modules)

@@ -24,7 +24,7 @@ from rawdiff_infer.backends import trt_build
 from rawdiff_infer.backends.trt_engine import (RTX_RUNTIME_API, Engine, RuntimeCacheFile, check_profile,
                                                read_engine_io)
 from rawdiff_infer.backends.trt_runtime import TensorRT, load_tensorrt
-from rawdiff_infer.backends.trt_sidecar import GpuInfo, read_sidecar, sidecar_path
+from rawdiff_infer.backends.trt_sidecar import SIDECAR_FORMAT, EngineSidecar, GpuInfo, read_sidecar, sidecar_path
 from rawdiff_infer.checkpoint import ModelMeta
 
 from conftest import TINY_CONFIG, perturbed_tiny_model
@@ -172,8 +172,11 @@ def loaded(engine: FakeEngine, rtx: bool = True, validity: str = "VALID") -> Eng
 
 # ---- bug 4: shapes come from the engine, and a sidecar that disagrees is refused -----------------------------------
 
-def _sidecar(min_b: int = 1, opt_b: int = 8, max_b: int = 16, p: int = 64) -> dict:
-    return {"profile": {"min_batch": min_b, "opt_batch": opt_b, "max_batch": max_b, "patch_size": p}}
+def _sidecar(min_b: int = 1, opt_b: int = 8, max_b: int = 16, p: int = 64) -> EngineSidecar:
+    return EngineSidecar.parse({
+        "format": SIDECAR_FORMAT, "tensorrt": {"flavour": "tensorrt", "version": "10.13.0.35"},
+        "target": {"gpu": "Fake GPU 0", "compute_capability": "8.9"}, "onnx": {}, "rawdiff": META.to_dict(),
+        "profile": {"min_batch": min_b, "opt_batch": opt_b, "max_batch": max_b, "patch_size": p}})
 
 
 def test_io_comes_from_the_engine_profile() -> None:
@@ -184,7 +187,7 @@ def test_io_comes_from_the_engine_profile() -> None:
 
 
 @pytest.mark.parametrize("side, what", [(_sidecar(max_b=256), "batch 1/8/256"), (_sidecar(p=32), "patch 32")])
-def test_sidecar_that_disagrees_with_its_engine_is_refused(side: dict, what: str) -> None:
+def test_sidecar_that_disagrees_with_its_engine_is_refused(side: EngineSidecar, what: str) -> None:
     io = read_engine_io(fake_trt(), FakeEngine())
     with pytest.raises(BackendError) as info:
         check_profile(io, side, "m.plan")
@@ -333,7 +336,7 @@ def fp16_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_rtx_build_requires_user_allocation(tmp_path: Path, fp16_onnx: Path) -> None:
     trt = _rtx()
     res = build_engine(fp16_onnx, tmp_path / "e.plan", options=BuildOptions(max_batch=16, opt_batch=8), trt=trt)
-    assert res.sidecar["options"]["require_user_allocation"] is True
+    assert res.sidecar.require_user_allocation is True
     builder, network, _ = trt_build.parse_network(trt, fp16_onnx)
     config, *_ = trt_build._configure(trt, builder, network, BuildOptions(max_batch=16, opt_batch=8), None)
     assert config.get_flag(trt.module.BuilderFlag.REQUIRE_USER_ALLOCATION)
@@ -374,14 +377,17 @@ def test_build_and_rebuild_target_the_given_device(tmp_path: Path, fp16_onnx: Pa
     monkeypatch.setattr(trt_build, "detect_gpu", rec)
     res = build_engine(fp16_onnx, tmp_path / "e.plan", options=BuildOptions(max_batch=16, opt_batch=8), trt=trt,
                        device=0)
-    assert rec.calls == [0] and res.sidecar["target"]["built_on_gpu"] == "Fake GPU 0"
+    assert rec.calls == [0] and res.sidecar.built_on_gpu == "Fake GPU 0"
     rec.calls.clear()
     side = read_sidecar(res.engine_path)
     again = rebuild_engine(res.engine_path, side, "engine built for another GPU", trt=trt, device=1)
     assert rec.calls and set(rec.calls) == {1}, rec.calls
-    assert again.sidecar["target"]["built_on_gpu"] == "Fake GPU 1"
-    assert again.engine_path.parent == tmp_path and again.sidecar["profile"] == side["profile"]
-    assert again.sidecar["options"]["require_user_allocation"] is True
+    assert again.sidecar.built_on_gpu == "Fake GPU 1"
+    profile = (side.min_batch, side.opt_batch, side.max_batch, side.patch_size)
+    assert again.engine_path.parent == tmp_path
+    assert (again.sidecar.min_batch, again.sidecar.opt_batch, again.sidecar.max_batch,
+            again.sidecar.patch_size) == profile
+    assert again.sidecar.require_user_allocation is True
 
 
 def test_rebuild_refuses_a_changed_or_missing_onnx(tmp_path: Path, fp16_onnx: Path) -> None:
@@ -390,10 +396,10 @@ def test_rebuild_refuses_a_changed_or_missing_onnx(tmp_path: Path, fp16_onnx: Pa
     side = json.loads(res.sidecar_path.read_text())
     side["onnx"]["sha256"] = "0" * 64
     with pytest.raises(EngineBuildError, match="changed since the engine was built"):
-        rebuild_engine(res.engine_path, side, "why", trt=trt, device=0)
+        rebuild_engine(res.engine_path, EngineSidecar.parse(side), "why", trt=trt, device=0)
     side["onnx"]["path"] = str(tmp_path / "gone.onnx")
     with pytest.raises(EngineBuildError, match="gone.onnx"):
-        rebuild_engine(res.engine_path, side, "why", trt=trt, device=0)
+        rebuild_engine(res.engine_path, EngineSidecar.parse(side), "why", trt=trt, device=0)
 
 
 # ---- bug 5: a foreign timing cache never aborts a build ------------------------------------------------------------

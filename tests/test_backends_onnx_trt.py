@@ -6,6 +6,7 @@ marker and skip with the reason printed where either is missing. Everything else
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from rawdiff_infer.backends.onnxruntime import OnnxRuntimeBackend, provider_opti
 from rawdiff_infer.backends.tensorrt import TensorRTBackend, runtime_cache_path
 from rawdiff_infer.backends.trt_build import build_engine
 from rawdiff_infer.backends.trt_runtime import TensorRTNotFound, load_tensorrt
-from rawdiff_infer.backends.trt_sidecar import (GpuInfo, RuntimeEnv, SidecarError, check_engine_compat, detect_gpu,
+from rawdiff_infer.backends.trt_sidecar import (EngineSidecar, GpuInfo, RuntimeEnv, SidecarError, check_engine_compat,
+                                                detect_gpu,
                                                 gpu_slug, parse_cc, parse_version, read_sidecar, sidecar_path)
 from rawdiff_infer.backends.torch import TorchBackend
 from rawdiff_infer.checkpoint import ModelMeta
@@ -286,6 +288,11 @@ def _sidecar(**over) -> dict:
     return d
 
 
+def _parsed(**over) -> EngineSidecar:
+    """``_sidecar`` as ``read_sidecar`` returns it."""
+    return EngineSidecar.parse(_sidecar(**over))
+
+
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
 H200 = GpuInfo("NVIDIA H200", (9, 0))
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0))
@@ -294,7 +301,7 @@ T4 = GpuInfo("Tesla T4", (7, 5))
 
 
 def test_compat_tensorrt_same_gpu_and_version() -> None:
-    assert check_engine_compat(_sidecar(), RuntimeEnv("tensorrt", "10.13.0.35", H100)) == ([], [])
+    assert check_engine_compat(_parsed(), RuntimeEnv("tensorrt", "10.13.0.35", H100)) == ([], [])
 
 
 @pytest.mark.parametrize("env, match", [
@@ -305,30 +312,30 @@ def test_compat_tensorrt_same_gpu_and_version() -> None:
     (RuntimeEnv("tensorrt", "10.13.0.35", None), "no CUDA GPU"),
 ])
 def test_compat_tensorrt_refusals(env: RuntimeEnv, match: str) -> None:
-    errors, _ = check_engine_compat(_sidecar(), env)
+    errors, _ = check_engine_compat(_parsed(), env)
     assert errors and match in errors[0], errors
 
 
 def test_compat_tensorrt_version_and_hardware_compatible() -> None:
-    vc = _sidecar(options={"version_compatible": True})
+    vc = _parsed(options={"version_compatible": True})
     errors, warnings = check_engine_compat(vc, RuntimeEnv("tensorrt", "10.14.1.48", H100))
     assert errors == [] and "may be slower" in warnings[0]
     assert check_engine_compat(vc, RuntimeEnv("tensorrt", "11.4.0.106", H100))[0] == []
     assert check_engine_compat(vc, RuntimeEnv("tensorrt", "10.12.0.36", H100))[0]  # older runtime
     assert check_engine_compat(vc, RuntimeEnv("tensorrt", "12.0.0.1", H100))[0]  # two majors later
-    hw = _sidecar(options={"hardware_compatible": True})
+    hw = _parsed(options={"hardware_compatible": True})
     assert check_engine_compat(hw, RuntimeEnv("tensorrt", "10.13.0.35", A100))[0] == []
     assert "Ampere" in check_engine_compat(hw, RuntimeEnv("tensorrt", "10.13.0.35", T4))[0][0]
 
 
 def test_compat_tensorrt_rtx() -> None:
     base = {"tensorrt": {"flavour": "tensorrt-rtx", "version": "1.7.1.116"}}
-    aot = _sidecar(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none", "compute_capabilities": []})
+    aot = _parsed(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none", "compute_capabilities": []})
     assert check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.7.1.116", RTX4090)) == ([], [])
     errors, _ = check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.7.1.116", H100))
     assert "default targets" in errors[0]
     assert check_engine_compat(aot, RuntimeEnv("tensorrt-rtx", "1.8.0.10", RTX4090))[0]  # another release
-    named = _sidecar(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none",
+    named = _parsed(**base, target={"gpu": "AOT/none", "compute_capability": "AOT/none",
                                      "compute_capabilities": ["8.6", "12.0"]})
     assert check_engine_compat(named, RuntimeEnv("tensorrt-rtx", "1.7.1.116", GpuInfo("RTX 5090", (12, 0))))[0] == []
     errors, _ = check_engine_compat(named, RuntimeEnv("tensorrt-rtx", "1.7.1.116", RTX4090))
@@ -369,7 +376,16 @@ def test_read_sidecar_errors(tmp_path: Path) -> None:
     with pytest.raises(SidecarError, match="invalid profile"):
         read_sidecar(eng)
     sidecar_path(eng).write_text(json.dumps(_sidecar()))
-    assert read_sidecar(eng)["profile"]["max_batch"] == 256
+    side = read_sidecar(eng)
+    assert side == _parsed() and side.max_batch == 256 and side.meta == META
+    assert side.data["tensorrt"]["version"] == "10.13.0.35"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        side.max_batch = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        side.options["version_compatible"] = True  # type: ignore[index]
+    sidecar_path(eng).write_text(json.dumps(_sidecar(rawdiff={"model": {"patch_size": "sixty-four"}})))
+    with pytest.raises(SidecarError, match="invalid rawdiff description"):
+        read_sidecar(eng)
 
 
 def test_tensorrt_backend_clear_errors_without_gpu(tmp_path: Path) -> None:
@@ -515,5 +531,5 @@ def test_trt_backend_rebuild_on_the_second_gpu(engine, tmp_path: Path) -> None:
     foreign.write_bytes(res.engine_path.read_bytes())
     sidecar_path(foreign).write_text(json.dumps(side))
     with TensorRTBackend(foreign, device="cuda:1", rebuild=True) as b:
-        assert b.sidecar["target"]["built_on_gpu"] == torch.cuda.get_device_name(1)
+        assert b.sidecar.built_on_gpu == torch.cuda.get_device_name(1)
         assert b(*(v.cuda(1) for v in _batch(2))).device == torch.device("cuda", 1)

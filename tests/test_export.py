@@ -249,7 +249,7 @@ def test_tensorrt_rtx_options(tmp_path: Path, exported) -> None:
     out = build_engine(res.fp16_path, options=BuildOptions(max_batch=32, opt_batch=8,
                                                            compute_capabilities=("8.6", "sm120")), trt=trt)
     assert out.engine_path.name == "tiny.rtx-sm86-sm120.plan"
-    assert out.sidecar["target"]["compute_capabilities"] == ["8.6", "12.0"]
+    assert out.sidecar.target_ccs == ("8.6", "12.0")
     assert not [f for f in os.listdir(out.engine_path.parent) if f.startswith(".")]  # no temporaries
 
 

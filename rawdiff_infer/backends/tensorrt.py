@@ -26,19 +26,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from ..checkpoint import ModelMeta
 from ..fsio import sha256_file
-from ..messages import first_line, show_path
+from ..messages import show_path
 from .base import INPUT_NAMES, OUTPUT_NAME, Backend, BackendError
 from .trt_build import EngineBuildError, rebuild_engine
 from .trt_engine import Engine, GraphMode, RuntimeCacheFile, check_profile
 from .trt_runtime import INSTALL_HINT, TensorRT, TensorRTNotFound, load_tensorrt, make_logger
-from .trt_sidecar import (SIDECAR_FORMAT, GpuInfo, RuntimeEnv, SidecarError, check_engine_compat, detect_gpu,
-                          gpu_slug, parse_cc, parse_version, read_sidecar, sidecar_path)
+from .trt_sidecar import (SIDECAR_FORMAT, EngineSidecar, GpuInfo, RuntimeEnv, SidecarError, check_engine_compat,
+                          detect_gpu, gpu_slug, parse_cc, parse_version, read_sidecar, sidecar_path)
 
 __all__ = ["INSTALL_HINT", "SIDECAR_FORMAT", "GpuInfo", "RuntimeEnv", "TensorRT", "TensorRTBackend", "activate_engine",
            "TensorRTNotFound", "check_engine_compat", "detect_gpu", "gpu_slug", "load_tensorrt", "make_logger",
@@ -88,9 +87,9 @@ def activate_engine(engine: Engine, *, cuda_graph: bool, user_allocation: bool, 
     return mode
 
 
-def _check_engine_hash(path: Path, sidecar: dict[str, Any]) -> None:
+def _check_engine_hash(path: Path, sidecar: EngineSidecar) -> None:
     """Refuse a sidecar written for another engine file (its recorded sha256 differs)."""
-    want = sidecar.get("engine", {}).get("sha256")
+    want = sidecar.engine_sha256
     if want and sha256_file(path) != want:
         raise BackendError(f"{show_path(path)}: the sidecar describes another engine (sha256 {want[:12]}..., this "
                            "file differs); rebuild it or copy the matching .json")
@@ -126,26 +125,22 @@ class TensorRTBackend(Backend):
                 raise BackendError(f"{show_path(path)}: no such engine file" if not path.exists() else
                                    f"{show_path(path)}: not a regular file")
             sidecar = read_sidecar(path)
-            meta = ModelMeta.from_dict(sidecar["rawdiff"])
             _check_engine_hash(path, sidecar)
         except SidecarError as e:
             raise BackendError(str(e)) from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise BackendError(f"{show_path(path)}: invalid rawdiff description in the sidecar ({first_line(e)})") \
-                from None
         dev = _cuda_device(device)
         try:
-            self.trt = load_tensorrt(prefer=sidecar["tensorrt"]["flavour"])
+            self.trt = load_tensorrt(prefer=sidecar.flavour)
         except TensorRTNotFound as e:
             raise BackendError(str(e)) from None
         with torch.cuda.device(dev):
             path, sidecar = self._fit(path, sidecar, dev, rebuild)
             self.engine_path, self.sidecar = path, sidecar
             engine = Engine(self.trt, path.name)
-            io = engine.load(path, allow_host_code=bool(sidecar.get("options", {}).get("version_compatible")))
+            io = engine.load(path, allow_host_code=sidecar.version_compatible)
             check_profile(io, sidecar, path.name)
             cap = min(max_batch_size or io.max_batch, io.max_batch)
-            super().__init__(meta, dev, torch.float32, cap, patch_size=io.patch_size)
+            super().__init__(sidecar.meta, dev, torch.float32, cap, patch_size=io.patch_size)
             self.min_batch, self.cuda_graph = io.min_batch, cuda_graph
             self._buffer_batch = max(cap, io.min_batch)  # smaller batches run padded to the profile's minimum
             self._stream = torch.cuda.Stream(dev)
@@ -161,8 +156,8 @@ class TensorRTBackend(Backend):
         """Open an engine file (its sidecar ``<path>.json`` must sit beside it)."""
         return cls(path, device=device, rebuild=rebuild, cuda_graph=cuda_graph, max_batch_size=max_batch_size)
 
-    def _fit(self, path: Path, sidecar: dict[str, Any], dev: torch.device,
-             rebuild: bool) -> tuple[Path, dict[str, Any]]:
+    def _fit(self, path: Path, sidecar: EngineSidecar, dev: torch.device,
+             rebuild: bool) -> tuple[Path, EngineSidecar]:
         """The engine to load: ``path`` if it fits this GPU and TensorRT, else (``rebuild``) one rebuilt on ``dev``."""
         gpu = detect_gpu(dev.index)
         env = RuntimeEnv(self.trt.flavour, self.trt.version, gpu)
@@ -182,12 +177,12 @@ class TensorRTBackend(Backend):
             raise BackendError(f"{res.engine_path.name}: rebuilt, but {errors[0]}")
         return res.engine_path, res.sidecar
 
-    def _activate(self, engine: Engine, sidecar: dict[str, Any], runtime_cache: bool | str | os.PathLike[str]) -> None:
+    def _activate(self, engine: Engine, sidecar: EngineSidecar, runtime_cache: bool | str | os.PathLike[str]) -> None:
         cache = None
         if self.trt.is_rtx and runtime_cache:
             cache = RuntimeCacheFile(runtime_cache_path(self.engine_path) if runtime_cache is True else runtime_cache)
         activate_engine(engine, cuda_graph=self.cuda_graph,
-                        user_allocation=bool(sidecar.get("options", {}).get("require_user_allocation")),
+                        user_allocation=sidecar.require_user_allocation,
                         stream_handle=self._stream.cuda_stream, device=self.device,  # type: ignore[union-attr]
                         max_batch=self._buffer_batch, runtime_cache=cache)
 
@@ -250,7 +245,6 @@ class TensorRTBackend(Backend):
             log.debug("close() in __del__ failed: %s", e)
 
     def describe(self) -> str:
-        tgt = self.sidecar.get("target", {})
-        return (f"{self.name} {self.engine_path.name} ({self.trt.describe()}, built for {tgt.get('gpu')}, "
-                f"{self.sidecar['onnx'].get('precision')}) on {self.device}"
+        return (f"{self.name} {self.engine_path.name} ({self.trt.describe()}, built for {self.sidecar.target_gpu}, "
+                f"{self.sidecar.onnx_precision}) on {self.device}"
                 + (f" cuda-graph {self.graph_mode} batch {self._buffer_batch}" if self.cuda_graph else ""))

@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..checkpoint import ModelMeta
 from ..fsio import open_regular, sha256_file, write_bytes
 from ..messages import first_line, show_path
 from .base import INPUT_NAMES, OUTPUT_NAME
 from .onnx_info import OnnxInfo, read_onnx_info
 from .trt_runtime import TensorRT, load_tensorrt, make_logger
-from .trt_sidecar import SIDECAR_FORMAT, GpuInfo, detect_gpu, gpu_slug, parse_cc, write_sidecar
+from .trt_sidecar import SIDECAR_FORMAT, EngineSidecar, GpuInfo, detect_gpu, gpu_slug, parse_cc, write_sidecar
 
 __all__ = ["BuildOptions", "BuildResult", "EngineBuildError", "build_engine", "default_engine_path",
            "network_dtype_counts", "parse_network", "rebuild_engine"]
@@ -98,7 +97,7 @@ class BuildResult:
     sidecar_path: Path
     seconds: float
     engine_bytes: int
-    sidecar: dict[str, Any] = field(repr=False)
+    sidecar: EngineSidecar = field(repr=False)
 
 
 def _target_tag(trt: TensorRT, gpu: GpuInfo | None, ccs: tuple[str, ...]) -> str:
@@ -345,8 +344,9 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     aot = gpu is None or (trt.is_rtx and not (ccs == [gpu.cc] and not opts.compute_capabilities))
     sidecar = _sidecar(out, data, onnx_path, info, trt, gpu, aot, ccs, opts, cache is not None, user_alloc, seconds)
     sp = write_sidecar(out, sidecar, overwrite=overwrite)
+    parsed = EngineSidecar.parse(sidecar, show_path(sp))
     log.info("built %s (%.1f MB) in %.1f s", out, len(data) / 1e6, seconds)
-    return BuildResult(out, sp, seconds, len(data), sidecar)
+    return BuildResult(out, sp, seconds, len(data), parsed)
 
 
 def _sidecar(out: Path, data: memoryview, onnx_path: Path, info: OnnxInfo, trt: TensorRT, gpu: GpuInfo | None,
@@ -376,7 +376,7 @@ def _sidecar(out: Path, data: memoryview, onnx_path: Path, info: OnnxInfo, trt: 
     }
 
 
-def rebuild_engine(engine_path: Path, sidecar: dict[str, Any], why: str, *, trt: TensorRT,
+def rebuild_engine(engine_path: Path, sidecar: EngineSidecar, why: str, *, trt: TensorRT,
                    device: int) -> BuildResult:
     """Rebuild an engine that does not fit this GPU / TensorRT from the ONNX file its sidecar records, for CUDA
     device ``device`` (torch's numbering), with the same profile and options; written next to ``engine_path``
@@ -386,11 +386,11 @@ def rebuild_engine(engine_path: Path, sidecar: dict[str, Any], why: str, *, trt:
     fails.
     """
     name = engine_path.name
-    recorded = sidecar.get("onnx", {}).get("path")
+    recorded = sidecar.onnx_path
     if not recorded:
         raise EngineBuildError(f"{name}: {why}; cannot rebuild: the sidecar records no ONNX file")
     onnx_path = Path(recorded)
-    want = sidecar["onnx"].get("sha256")
+    want = sidecar.onnx_sha256
     try:
         have = sha256_file(onnx_path)
     except OSError as e:
@@ -409,16 +409,15 @@ def rebuild_engine(engine_path: Path, sidecar: dict[str, Any], why: str, *, trt:
         raise EngineBuildError(f"{name}: rebuild failed: {first_line(e)}") from None
 
 
-def _rebuild_plan(sidecar: dict[str, Any]) -> tuple[BuildOptions, OnnxInfo]:
+def _rebuild_plan(sidecar: EngineSidecar) -> tuple[BuildOptions, OnnxInfo]:
     """Build options and ONNX description of a rebuild, from the old engine's sidecar."""
-    prof, opts, onnx = sidecar["profile"], dict(sidecar.get("options", {})), sidecar["onnx"]
+    opts = sidecar.options
     try:
-        options = BuildOptions(min_batch=int(prof["min_batch"]), opt_batch=int(prof["opt_batch"]),
-                               max_batch=int(prof["max_batch"]), **{k: opts[k] for k in _REBUILD_KEYS if k in opts})
-        info = OnnxInfo(meta=ModelMeta.from_dict(sidecar["rawdiff"]), precision=onnx.get("precision", "fp16"),
-                        patch_size=int(onnx.get("patch_size", prof["patch_size"])),
-                        checkpoint_sha256=sidecar.get("checkpoint_sha256", ""), opset=int(onnx.get("opset", 0)),
-                        exporter=onnx.get("exporter", ""))
+        options = BuildOptions(min_batch=sidecar.min_batch, opt_batch=sidecar.opt_batch, max_batch=sidecar.max_batch,
+                               **{k: opts[k] for k in _REBUILD_KEYS if k in opts})
+        info = OnnxInfo(meta=sidecar.meta, precision=sidecar.onnx_precision, patch_size=sidecar.patch_size,
+                        checkpoint_sha256=sidecar.checkpoint_sha256, opset=sidecar.onnx_opset,
+                        exporter=sidecar.onnx_exporter)
     except (KeyError, TypeError, ValueError) as e:
         raise EngineBuildError(f"cannot rebuild: invalid sidecar ({first_line(e)})") from None
     return options, info

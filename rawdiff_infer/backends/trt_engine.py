@@ -41,6 +41,7 @@ from ..fsio import open_regular, write_bytes
 from ..messages import first_line, show_path
 from .base import INPUT_NAMES, OUTPUT_NAME, BackendError
 from .trt_runtime import TensorRT, make_logger, torch_dtype
+from .trt_sidecar import EngineSidecar
 
 __all__ = ["RTX_RUNTIME_API", "Engine", "EngineIO", "GraphMode", "RuntimeCacheFile", "check_profile",
            "read_engine_io"]
@@ -105,11 +106,10 @@ def read_engine_io(trt: TensorRT, engine: Any, name: str = "engine") -> EngineIO
     return EngineIO(mins[0][0], opts[0][0], maxs[0][0], p, dtypes)
 
 
-def check_profile(io: EngineIO, sidecar: dict[str, Any], name: str = "engine") -> None:
+def check_profile(io: EngineIO, sidecar: EngineSidecar, name: str = "engine") -> None:
     """Refuse, with one line, a sidecar whose profile disagrees with its engine (a sidecar copied beside the wrong
     engine, or edited by hand)."""
-    prof = sidecar["profile"]
-    said = (int(prof["min_batch"]), int(prof["opt_batch"]), int(prof["max_batch"]), int(prof["patch_size"]))
+    said = (sidecar.min_batch, sidecar.opt_batch, sidecar.max_batch, sidecar.patch_size)
     has = (io.min_batch, io.opt_batch, io.max_batch, io.patch_size)
     if said != has:
         raise BackendError(f"{name}: the sidecar says batch {said[0]}/{said[1]}/{said[2]}, patch {said[3]}, but the "

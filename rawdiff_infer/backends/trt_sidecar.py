@@ -17,14 +17,18 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+from ..checkpoint import ModelMeta
 from ..fsio import open_regular, write_bytes
 from ..messages import first_line, show_path
 
-__all__ = ["RTX_DEFAULT_MIN_CC", "SIDECAR_FORMAT", "GpuInfo", "RuntimeEnv", "SidecarError", "check_engine_compat",
+__all__ = ["RTX_DEFAULT_MIN_CC", "SIDECAR_FORMAT", "EngineSidecar", "GpuInfo", "RuntimeEnv", "SidecarError",
+           "check_engine_compat",
            "detect_gpu", "gpu_slug", "parse_cc", "parse_version", "read_sidecar", "sidecar_path", "write_sidecar"]
 
 log = logging.getLogger(__name__)
@@ -98,15 +102,109 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
+@dataclass(frozen=True)
+class EngineSidecar:
+    """An engine's sidecar, parsed and checked once (``parse``, ``read_sidecar``): what the runtime, its compatibility
+    rules and a rebuild read, typed. ``data`` keeps the JSON object as written (read-only).
+
+    Attributes:
+        flavour, trt_version: the TensorRT flavour ("tensorrt", "tensorrt-rtx") and version it was built with.
+        target_gpu, target_cc: the GPU and compute capability it was built for ("AOT/none": none, ahead of time).
+        target_ccs: TensorRT-RTX's named target compute capabilities (empty: its default targets).
+        built_on_gpu: the GPU the build ran on (None: none).
+        min_batch, opt_batch, max_batch, patch_size: the optimisation profile (batch sizes, patch side in pixels).
+        version_compatible, hardware_compatible, require_user_allocation: build options the runtime honours.
+        options: every recorded build option (a rebuild carries some over).
+        engine_sha256: the engine file's sha256 ("": not recorded).
+        onnx_path, onnx_sha256, onnx_precision, onnx_opset, onnx_exporter: the ONNX file it was built from.
+        checkpoint_sha256: the source checkpoint's sha256 ("" if unknown).
+        meta: the rawdiff model description.
+    """
+
+    flavour: str
+    trt_version: str
+    target_gpu: str
+    target_cc: str
+    target_ccs: tuple[str, ...]
+    built_on_gpu: str | None
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    patch_size: int
+    version_compatible: bool
+    hardware_compatible: bool
+    require_user_allocation: bool
+    options: Mapping[str, Any]
+    engine_sha256: str
+    onnx_path: str
+    onnx_sha256: str
+    onnx_precision: str
+    onnx_opset: int
+    onnx_exporter: str
+    checkpoint_sha256: str
+    meta: ModelMeta
+    data: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def parse(cls, d: Any, where: str = "sidecar") -> "EngineSidecar":
+        """A sidecar's JSON object, checked; SidecarError (one line starting with ``where``) otherwise."""
+        if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise SidecarError(f"{where}: unknown sidecar format {got!r} (expected {SIDECAR_FORMAT})")
+        for key in _REQUIRED:
+            if not isinstance(d.get(key), dict):
+                raise SidecarError(f"{where}: sidecar lacks {key!r}")
+        prof = _profile(d["profile"], where)
+        try:
+            meta = ModelMeta.from_dict(d["rawdiff"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SidecarError(f"{where}: invalid rawdiff description in the sidecar ({first_line(e)})") from None
+        trt, tgt, onnx = d["tensorrt"], d["target"], d["onnx"]
+        opts, engine = _dict(d.get("options")), _dict(d.get("engine"))
+        try:
+            return cls(flavour=str(trt["flavour"]), trt_version=str(trt["version"]),
+                       target_gpu=str(tgt.get("gpu") or ""), target_cc=str(tgt.get("compute_capability") or ""),
+                       target_ccs=tuple(str(c) for c in tgt.get("compute_capabilities") or ()),
+                       built_on_gpu=None if tgt.get("built_on_gpu") is None else str(tgt["built_on_gpu"]),
+                       **prof, version_compatible=bool(opts.get("version_compatible")),
+                       hardware_compatible=bool(opts.get("hardware_compatible")),
+                       require_user_allocation=bool(opts.get("require_user_allocation")),
+                       options=MappingProxyType(dict(opts)), engine_sha256=str(engine.get("sha256") or ""),
+                       onnx_path=str(onnx.get("path") or ""), onnx_sha256=str(onnx.get("sha256") or ""),
+                       onnx_precision=str(onnx.get("precision", "fp16")), onnx_opset=int(onnx.get("opset", 0)),
+                       onnx_exporter=str(onnx.get("exporter", "")),
+                       checkpoint_sha256=str(d.get("checkpoint_sha256") or ""), meta=meta,
+                       data=MappingProxyType(d))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SidecarError(f"{where}: invalid sidecar ({type(e).__name__}: {first_line(e)})") from None
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _profile(prof: dict[str, Any], where: str) -> dict[str, int]:
+    """The optimisation profile's four numbers, checked (1 <= min <= opt <= max, patch >= 1)."""
+    try:
+        p = {k: int(prof[k]) for k in ("min_batch", "opt_batch", "max_batch", "patch_size")}
+        if not 1 <= p["min_batch"] <= p["opt_batch"] <= p["max_batch"]:
+            raise ValueError("min <= opt <= max does not hold")
+        if p["patch_size"] < 1:
+            raise ValueError("patch size < 1")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SidecarError(f"{where}: invalid profile ({first_line(e)})") from None
+    return p
+
+
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:
     """``model.x.plan`` -> ``model.x.plan.json``."""
     p = Path(engine_path)
     return p.with_name(p.name + ".json")
 
 
-def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON written next to an engine by the builder. Raises SidecarError (one line) if it is missing, not a
-    regular file (a FIFO is refused without blocking), not JSON, or lacks what the runtime needs."""
+def read_sidecar(engine_path: str | os.PathLike[str]) -> EngineSidecar:
+    """The sidecar written next to an engine by the builder, parsed once. Raises SidecarError (one line) if it is
+    missing, not a regular file (a FIFO is refused without blocking), not JSON, or lacks what the runtime needs."""
     sp = sidecar_path(engine_path)
     try:
         with open_regular(sp) as f:
@@ -120,21 +218,7 @@ def read_sidecar(engine_path: str | os.PathLike[str]) -> dict[str, Any]:
         d = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SidecarError(f"{show_path(sp)}: invalid JSON ({first_line(e)})") from None
-    if not isinstance(d, dict) or d.get("format") != SIDECAR_FORMAT:
-        got = d.get("format") if isinstance(d, dict) else type(d).__name__
-        raise SidecarError(f"{show_path(sp)}: unknown sidecar format {got!r} (expected {SIDECAR_FORMAT})")
-    for key in _REQUIRED:
-        if not isinstance(d.get(key), dict):
-            raise SidecarError(f"{show_path(sp)}: sidecar lacks {key!r}")
-    try:
-        prof = d["profile"]
-        if not 1 <= int(prof["min_batch"]) <= int(prof["opt_batch"]) <= int(prof["max_batch"]):
-            raise ValueError("min <= opt <= max does not hold")
-        if int(prof["patch_size"]) < 1:
-            raise ValueError("patch size < 1")
-    except (KeyError, TypeError, ValueError) as e:
-        raise SidecarError(f"{show_path(sp)}: invalid profile ({first_line(e)})") from None
-    return d
+    return EngineSidecar.parse(d, show_path(sp))
 
 
 def write_sidecar(engine_path: str | os.PathLike[str], sidecar: dict[str, Any], *, overwrite: bool = False) -> Path:
@@ -153,7 +237,7 @@ class RuntimeEnv:
     gpu: GpuInfo | None
 
 
-def check_engine_compat(sidecar: dict[str, Any], env: RuntimeEnv) -> tuple[list[str], list[str]]:
+def check_engine_compat(sidecar: EngineSidecar, env: RuntimeEnv) -> tuple[list[str], list[str]]:
     """Whether an engine described by ``sidecar`` can run in ``env``: (errors, warnings), each a list of one-liners.
 
     Rules: same TensorRT flavour. Version: TensorRT-RTX needs the exact release; TensorRT needs the exact version
@@ -164,7 +248,7 @@ def check_engine_compat(sidecar: dict[str, Any], env: RuntimeEnv) -> tuple[list[
     """
     errors: list[str] = []
     warnings: list[str] = []
-    built_flavour, built_version = sidecar["tensorrt"]["flavour"], str(sidecar["tensorrt"]["version"])
+    built_flavour, built_version = sidecar.flavour, sidecar.trt_version
     if built_flavour != env.flavour:
         errors.append(f"engine built with {built_flavour} {built_version}, running {env.flavour} {env.version}")
         return errors, warnings
@@ -172,16 +256,16 @@ def check_engine_compat(sidecar: dict[str, Any], env: RuntimeEnv) -> tuple[list[
     if env.gpu is None:
         errors.append("no CUDA GPU visible")
     elif env.flavour == "tensorrt-rtx":
-        _check_rtx_gpu(sidecar["target"], env.gpu, errors)
+        _check_rtx_gpu(sidecar, env.gpu, errors)
     else:
-        _check_trt_gpu(sidecar["target"], sidecar.get("options", {}), env.gpu, errors)
+        _check_trt_gpu(sidecar, env.gpu, errors)
     return errors, warnings
 
 
-def _check_version(sidecar: dict[str, Any], env: RuntimeEnv, errors: list[str], warnings: list[str]) -> None:
-    flavour, built = sidecar["tensorrt"]["flavour"], str(sidecar["tensorrt"]["version"])
+def _check_version(sidecar: EngineSidecar, env: RuntimeEnv, errors: list[str], warnings: list[str]) -> None:
+    flavour, built = sidecar.flavour, sidecar.trt_version
     bv, rv = parse_version(built), parse_version(env.version)
-    if env.flavour == "tensorrt-rtx" or not sidecar.get("options", {}).get("version_compatible"):
+    if env.flavour == "tensorrt-rtx" or not sidecar.version_compatible:
         if bv != rv:
             errors.append(f"engine built with {flavour} {built}, running {env.version} "
                           "(engines are tied to the exact release)")
@@ -193,10 +277,10 @@ def _check_version(sidecar: dict[str, Any], env: RuntimeEnv, errors: list[str], 
                         "an engine built for this version)")
 
 
-def _check_rtx_gpu(tgt: dict[str, Any], gpu: GpuInfo, errors: list[str]) -> None:
+def _check_rtx_gpu(sidecar: EngineSidecar, gpu: GpuInfo, errors: list[str]) -> None:
     cc = gpu.compute_capability
-    ccs = tgt.get("compute_capabilities")
-    if isinstance(ccs, list) and ccs:
+    ccs = sidecar.target_ccs
+    if ccs:
         if gpu.cc not in ccs:
             errors.append(f"engine built for compute capabilities {', '.join(ccs)}, this GPU ({gpu.name}) is {gpu.cc}")
     elif cc < RTX_DEFAULT_MIN_CC or cc[0] in RTX_UNSUPPORTED_MAJORS:
@@ -204,16 +288,16 @@ def _check_rtx_gpu(tgt: dict[str, Any], gpu: GpuInfo, errors: list[str]) -> None
                       f"({gpu.name}) is {gpu.cc}")
 
 
-def _check_trt_gpu(tgt: dict[str, Any], opts: dict[str, Any], gpu: GpuInfo, errors: list[str]) -> None:
-    built_cc = tgt.get("compute_capability")
-    if opts.get("hardware_compatible"):
+def _check_trt_gpu(sidecar: EngineSidecar, gpu: GpuInfo, errors: list[str]) -> None:
+    built_cc, built_gpu = sidecar.target_cc, sidecar.target_gpu
+    if sidecar.hardware_compatible:
         if gpu.compute_capability < (8, 0):
             errors.append(f"hardware-compatible (Ampere+) engine, this GPU ({gpu.name}) is {gpu.cc}")
     elif not built_cc or built_cc == "AOT/none":
         errors.append("engine sidecar records no GPU (TensorRT engines are built for one GPU)")
     elif parse_cc(built_cc) != gpu.compute_capability:
-        errors.append(f"engine built for {tgt.get('gpu')} (compute capability {built_cc}), this GPU is "
+        errors.append(f"engine built for {built_gpu} (compute capability {built_cc}), this GPU is "
                       f"{gpu.name} ({gpu.cc})")
-    elif tgt.get("gpu") and tgt["gpu"] != gpu.name:
-        errors.append(f"engine built for {tgt['gpu']}, this GPU is {gpu.name} (same compute capability "
+    elif built_gpu and built_gpu != gpu.name:
+        errors.append(f"engine built for {built_gpu}, this GPU is {gpu.name} (same compute capability "
                       f"{built_cc}; TensorRT engines are specific to the GPU model)")
