@@ -441,11 +441,9 @@ class TiledDenoiser:
 
     Calling it as ``eps_fn(x, t, step=k)`` (k: the evaluation index, 0-based) takes either x [B, 3, H, W] with t
     [B] (canvases of one size), or the packed form x [1, L] (``self.pack``) with t [1], and returns eps in the same
-    layout (float32). Patches of all canvases share backend calls of exactly ``call_size`` patches (the last call
-    padded), so an image's eps is the same in any pack.
-    ``nonfinite`` holds one device flag per canvas, set without a host synchronisation when the backend returned NaN
-    or inf for one of its patches; ``check_finite`` raises NonFiniteOutputError naming them. ``calls`` counts
-    evaluations.
+    layout (float32). Patches of all canvases share backend calls of exactly ``call_size`` patches (the last one
+    padded). ``nonfinite`` holds one device flag per canvas, set without a host synchronisation when the backend
+    returned NaN or inf for one of its patches; ``check_finite`` raises NonFiniteOutputError naming them.
     """
 
     takes_step = True
@@ -462,16 +460,14 @@ class TiledDenoiser:
             raise ValueError("no canvas to denoise")
         self.device = torch.device(getattr(patch_fn, "device", conds[0].device))
         self.input_dtype = getattr(patch_fn, "input_dtype", torch.float32)
-        self.steps = steps
+        self.steps, self._calls = steps, 0
         self.pack = CanvasPack([tuple(c.shape) for c in conds])
         self.grids = [PatchGrid(c.shape[1], c.shape[2], self.config, self.device) for c in conds]
         self.cond_patches = [self._unfold(g, c) for g, c in zip(self.grids, conds)]  # overlap grid, once
         self.conds = [c.to(self.device, self.input_dtype) for c in conds] if self.config.grid == "shifted" else []
         self.runs: list[Runs] = self._active(needed)
         self.nonfinite = torch.zeros(len(conds), dtype=torch.bool, device=self.device)
-        #: patches in every backend call (``TileConfig.chunk``), capped by the backend's ``max_batch_size``
         self.call_size = call_size(self.config, self.device, getattr(patch_fn, "max_batch_size", None))
-        self._calls = 0
 
     def _active(self, needed: Sequence[torch.Tensor | None] | None) -> list[Runs]:
         if needed is not None and any(m is not None for m in needed) and self.config.grid != "overlap":
@@ -577,8 +573,7 @@ class TiledDenoiser:
             parts = [layouts[ci].patches(a, b) for ci, a, b in segs]
             xp, cp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             tb = torch.cat([times[ci].to(self.device, torch.float32).expand(b - a) for ci, a, b in segs])
-            n = xp.shape[0]
-            eps = self.patch_fn(*_padded(self.call_size, xp.contiguous(), cp.contiguous(), tb)).float()[:n]
+            eps = self.patch_fn(*_padded(self.call_size, xp.contiguous(), cp.contiguous(), tb)).float()[:len(xp)]
             k = 0
             for ci, a, b in segs:
                 e = eps[k:k + b - a]
