@@ -678,7 +678,8 @@ class GraphedDenoiser:
         self._t.copy_(t)
         self.capture()
         assert self._graph is not None and self._out is not None
-        self._graph.replay()
+        with torch.cuda.device(self.device):  # launched on this device's current stream, wherever the caller is
+            self._graph.replay()
         return self._out.clone()  # the caller owns it: the next replay overwrites the graph's buffer
 
     def close(self) -> None:

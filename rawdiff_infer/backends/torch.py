@@ -145,7 +145,8 @@ class TorchBackend(Backend):
             sx[n:].zero_()
             sc[n:].zero_()
             st[n:].zero_()
-        self._graph.replay()
+        with torch.cuda.device(self.device):  # launched on this device's current stream, wherever the caller is
+            self._graph.replay()
         return so[:n].clone()
 
     def _capture(self, sx: torch.Tensor, sc: torch.Tensor, st: torch.Tensor) -> tuple[torch.cuda.CUDAGraph,
