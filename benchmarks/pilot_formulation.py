@@ -99,6 +99,11 @@ def _train(c: Candidate, pool, cam, steps: int, batch: int, lr: float, out: Path
     return trainer.ema, meta, {"seconds": time.perf_counter() - t, "log": rows}
 
 
+def _slug(name: str) -> str:
+    """A candidate's run folder name: letters, digits and '-' (every candidate its own folder)."""
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+
+
 def _jpeg_determined(rows, cases) -> float | None:  # noqa: ANN001
     """Mean determined-pixel PSNR over the JPEG inputs (None if there is none)."""
     jpeg = {c.name for c in cases if c.jpeg_quality is not None}
@@ -152,7 +157,7 @@ def run_pilot(photos: Sequence[str], heldout: Sequence[str], out: Path, *, steps
     isp = None
     for c in candidates:
         log.info("training %s", c.name)
-        ema, meta, info = _train(c, pool, cam, steps, batch, lr, out / "runs" / c.name.split(",")[0].replace("/", "-"))
+        ema, meta, info = _train(c, pool, cam, steps, batch, lr, out / "runs" / _slug(c.name))
         isp = meta.isp
         backend = TorchBackend(ema, meta, device="cpu", dtype="fp32")
         rows = evaluate(backend, cases, ["dpm-sde:10"], [0], tiles=TileConfig(patch_size=64, batch_size=64))
