@@ -5,8 +5,8 @@ Holds a backend, the model's schedule and RAW encoding, sampler settings and til
 
 Several images can be reconstructed together (``reconstruct_many``): their canvases are packed into one tensor that
 the sampler advances at once, and their patches share backend calls, which fills the batches of small images. Each
-image keeps its own seed, its own starting noise and its own noise stream, so its result is the one it gets alone
-(up to the backend's own batch-to-batch rounding, about 1e-6 for fp32 convolutions on the CPU).
+image keeps its own seed, its own starting noise and its own noise stream, and every backend call has one shape
+(``TileConfig.chunk``), so its result is the one it gets alone, bit for bit.
 
 Memory stays bounded for large images: patches are streamed through the backend in batches, the canvas (state, eps
 and the solver history) is kept once in fp32 on the backend's device, and the sRGB condition is unfolded once.
@@ -287,9 +287,10 @@ class RawReconstructor:
                 outs = self._fused(images, gens, progress, bands)
             # H x W x 3 laid out on the device, so the copy to the host is the only host-side work
             encoded = [model_to_unit(x0).permute(1, 2, 0).float().contiguous() for x0 in outs]
-            if not all(bool(torch.isfinite(e).all()) for e in encoded):
+            bad = [i for i, e in enumerate(encoded) if not bool(torch.isfinite(e).all())]
+            if bad:  # named, so that a folder run fails these images alone
                 raise NonFiniteOutputError("the reconstruction holds NaN values (the model returned non-finite "
-                                           "values)")
+                                           "values)", bad=bad)
         return encoded
 
     # ---- consistency -----------------------------------------------------------------------------------------
