@@ -227,6 +227,10 @@ def _reconstructor(opts: InferOptions, be: Any, device: str):
         raise UsageError(f"--patch-size {P}: this model was trained on {be.meta.model.patch_size}-pixel patches "
                          f"and runs on {lo}..{hi}")
     try:
+        be.meta.model.check_patch_cost(P)  # the description's own bound, at the patch size asked for
+    except ValueError as e:
+        raise UsageError(f"--patch-size {P}: {first_line(e)}") from None
+    try:
         tiles = TileConfig(patch_size=P, stride=min(opts.stride, P), window=opts.window,  # type: ignore[arg-type]
                            batch_size=_batch_size(opts, device), merge=opts.merge,  # type: ignore[arg-type]
                            grid=opts.grid)  # type: ignore[arg-type]

@@ -439,3 +439,21 @@ def test_a_stderr_nobody_reads_fails_nothing(photos: Path, ckpt: Path, tmp_path:
         assert proc.returncode == 0 and (out / "latest").is_file(), proc.stdout
     finally:
         os.close(writer)
+
+
+def test_infer_patch_size_within_the_descriptions_compute_bound(tmp_path: Path) -> None:
+    """--patch-size may be up to twice the trained patch: the description's compute bound applies to the patch
+    asked for, before compute (a 96-px model with attention at full resolution: 9,216 positions at its own patch,
+    36,864 at 192, above the 128 x 128 bound)."""
+    from rawdiff_infer.checkpoint import ModelMeta
+    from rawdiff_infer.cli import cli as infer_cli
+    from rawdiff_infer.model import UNetConfig
+
+    cfg = UNetConfig(base_channels=16, channel_mults=(1, 2, 2, 2), head_channels=16, groups=8,
+                     attention_stages=(0, 1, 2, 3), patch_size=96)
+    ckpt = save_checkpoint(UNet(cfg), tmp_path / "att0.safetensors", meta=ModelMeta(model=cfg))
+    photo = _photo(tmp_path / "p.png")
+    r = _invoke(infer_cli, [photo, "--ckpt", ckpt, "--patch-size", 192, "-o", tmp_path / "o.npy"])
+    assert r.exit_code == 2
+    one_line(r, "rawdiff-infer", "--patch-size 192", "attention_stages")
+    assert not (tmp_path / "o.npy").exists()
