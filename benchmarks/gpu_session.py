@@ -90,6 +90,18 @@ def select_photos(folders) -> tuple[list[Path], list[Path]]:
     return train, sort_held_out(held)
 
 
+def prepared_sources(folders) -> list[dict[str, Any]]:
+    """The source photos (file name, sha256, copies) of every folder written by ``rawdiff_train.prepare`` (its
+    manifest.json), so that a model's provenance names the photos its scaled copies came from."""
+    out: list[dict[str, Any]] = []
+    for folder in folders:
+        manifest = Path(folder) / "manifest.json"
+        if manifest.is_file():
+            out += [{"file": s["file"], "sha256": s["sha256"], "copies": s["copies"]}
+                    for s in json.loads(manifest.read_text()).get("sources", [])]
+    return out
+
+
 def elapsed() -> float:
     return time.perf_counter() - T0
 
@@ -222,7 +234,7 @@ def phase_train(args: SessionArgs, res: Results, device: str):
         "train_files": [p.name for p in train_files], "val_files": [p.name for p in val_files],
         "held_out_files": [p.name for p in val_files], "variants_per_photo": args.variants,
         "scene_augmentation": augmentation.to_dict() if augmentation is not None else None,
-        "clipped_fraction": args.clipped_fraction},
+        "clipped_fraction": args.clipped_fraction, "prepared_from": prepared_sources(args.photos)},
         isp=SyntheticCamera(cam).isp_model(),  # make_pairs draws with the default randomization: one fixed ISP
         formulation=Formulation(prediction=args.prediction, space=args.space))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr,

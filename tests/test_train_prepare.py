@@ -102,3 +102,16 @@ def test_training_curve_plot_from_session_results(tmp_path: Path) -> None:
         plot_curve(results, out)
     with pytest.raises(ValueError, match="nothing|no training"):
         plot_curve({"phases": {}}, tmp_path / "d.png")
+
+
+def test_gpu_session_names_the_prepared_sources_in_the_provenance(tmp_path: Path) -> None:
+    from rawdiff_bench.gpu_session import prepared_sources
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _photo(src / "scene.png", 700, 500, 3)
+    out = tmp_path / "out"
+    assert CliRunner().invoke(cli, ["--photos", str(src), "--out", str(out), "--sizes", "512,256"]).exit_code == 0
+    got = prepared_sources([out, src])  # src has no manifest: nothing from it
+    assert [(s["file"], s["copies"]) for s in got] == [("scene.png", ["scene.s512.jpg", "scene.s256.jpg"])]
+    assert len(got[0]["sha256"]) == 64
