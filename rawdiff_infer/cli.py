@@ -178,7 +178,7 @@ def _load(opts: InferOptions, device: str):
             raise UsageError("this build of rawdiff ships no default model; pass --ckpt MODEL.safetensors")
         path = str(default)
     dtype = _dtype(opts, device)
-    per_batch_graph = opts.cuda_graph and opts.merge == "end"  # step fusion records the whole step instead
+    per_batch_graph = backend_graphs(opts.cuda_graph, opts.backend)
     try:
         be = open_backend(opts.backend, path, device=device, dtype=dtype,
                           max_batch_size=_batch_size(opts, device) if per_batch_graph else None,
@@ -188,6 +188,21 @@ def _load(opts: InferOptions, device: str):
     except (CheckpointError, BackendError, ValueError, RuntimeError, OSError) as e:
         raise UsageError(first_line(e)) from None
     return be
+
+
+def backend_graphs(cuda_graph: bool, backend: str) -> bool:
+    """``--cuda-graph``'s one meaning: replay recorded CUDA graphs instead of launching kernels one by one.
+
+    The backend replays its batches as graphs (the torch backend records one per batch shape, and every call of an
+    evaluation has one shape, ``TileConfig.chunk``; a TensorRT engine runs in its own graph), for every run: packed
+    folders, skipped patches and ``--merge end`` alike. A backend that can be captured (torch) also records, for a
+    lone image on the step grid, each sampler step's whole model evaluation (``RawReconstructor(step_graph=)``).
+    Returns whether the backend is opened with graphs; raises UsageError for a backend that replays none."""
+    if not cuda_graph:
+        return False
+    if backend in ("onnx", "aoti"):
+        raise UsageError(f"--cuda-graph: the {backend} backend replays no CUDA graphs (use --backend torch or trt)")
+    return True
 
 
 def _dtype(opts: InferOptions, device: str) -> str:
@@ -238,9 +253,7 @@ def _reconstructor(opts: InferOptions, be: Any, device: str):
         if sampler.num_steps > be.meta.schedule.num_timesteps:
             raise ValueError(f"--steps {sampler.num_steps}: the model's schedule has only "
                              f"{be.meta.schedule.num_timesteps} timesteps")
-        step_graph = opts.cuda_graph and opts.merge == "step"
-        if step_graph and not be.capturable:
-            raise ValueError(f"--cuda-graph with --merge step needs the torch backend (got {opts.backend})")
+        step_graph = opts.cuda_graph and opts.merge == "step" and be.capturable
         if opts.consistency == "on" and be.meta.isp is None:
             raise ValueError(f"--consistency on: {show_path(opts.model_file or opts.ckpt or 'the model')} does not "
                              "describe its camera's ISP (no 'isp' in its description); use --consistency off")
@@ -467,8 +480,9 @@ def _sampler_help() -> str:
               "(default: $XDG_CACHE_HOME/rawdiff/inductor, or TORCHINDUCTOR_CACHE_DIR when set).")
 @click.option("--no-compile-cache", is_flag=True, help="Leave torch's own compile-cache setting alone.")
 @click.option("--cuda-graph", is_flag=True,
-              help="Replay CUDA graphs (torch backend). --merge step: each sampler step's whole model evaluation "
-              "is recorded once per image size; --merge end: the U-Net per batch. Costs GPU memory.")
+              help="Replay recorded CUDA graphs instead of launching kernels one by one (torch and trt backends): "
+              "the model's calls always, and with the torch backend each sampler step's whole model evaluation of "
+              "a lone image on the step grid. Costs GPU memory.")
 @click.option("--consistency", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Project every prediction onto the RAWs that the model's camera ISP renders to the input: exact "
               "where the photo is not clipped, at or above white where it is. auto: when the model describes its "

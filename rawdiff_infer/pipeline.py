@@ -170,8 +170,10 @@ class RawReconstructor:
         step_graph: record the whole model evaluation of a sampler step (every patch batch and the fusion) as one
             CUDA graph and replay it (``tiling.GraphedDenoiser``); needs step fusion on the overlap grid and a
             capturable backend on CUDA. The graph is kept for the last image size, so a run of same-sized photos
-            records it once. Off by default: on an H200 at 2048x2048 (batches of 1024 patches) it measured no
-            faster than per-batch launches, and its memory pool holds the U-Net's intermediates (+3.5 GiB there).
+            records it once. Used for a lone image whose patches are all evaluated: where consistency skips
+            patches (the default), skipping halves the work and wins; packed images run the backend's own calls.
+            Off by default: on an H200 at 2048x2048 (batches of 1024 patches) it measured no faster than per-batch
+            launches, and its memory pool holds the U-Net's intermediates (+3.5 GiB there).
         consistency: ConsistencyConfig. When the model describes its ISP (``meta.isp``) and the mode is not "off",
             every x0 prediction is projected onto the RAWs that the ISP renders to the input (``consistency.py``),
             and so is the output. ``consistent`` says whether this reconstructor does it.
@@ -254,8 +256,8 @@ class RawReconstructor:
                stats: dict | None = None) -> Reconstruction:
         """Wrap an encoded H x W x 3 RAW from ``denoise_many`` (copied to the host) as a Reconstruction; ``stats``:
         that call's ``last_stats`` (default: the latest call's)."""
-        extra = {"step_graph": self.step_graph and pack_size == 1, "pack_size": pack_size,
-                 "consistent": self.consistent, **(self.last_stats if stats is None else stats)}
+        extra = {"step_graph": False, "pack_size": pack_size, "consistent": self.consistent,
+                 **(self.last_stats if stats is None else stats)}
         return Reconstruction(encoded=encoded, patches=self.patches_for(*encoded.shape[:2]),
                               steps=self.sampler.num_steps, seconds=seconds, gamma=self.meta.encoding.gamma,
                               extra=extra)
@@ -268,7 +270,8 @@ class RawReconstructor:
 
         ``images`` may also be tensors prepared by ``rawspace.host_srgb`` (pinned, or already on the device).
         ``bands`` as for ``reconstruct_many``. After the call ``last_stats`` holds ``evaluated_patches`` (per model
-        evaluation, all images) and ``inconsistent_pixels`` (pixels no RAW of the ISP renders to; 0 when off)."""
+        evaluation, all images), ``inconsistent_pixels`` (pixels no RAW of the ISP renders to; 0 when off) and
+        ``step_graph`` (whether the whole-step CUDA graph ran)."""
         if len(images) != len(seeds) or not images:
             raise ValueError("give one seed per image (and at least one image)")
         if bands is not None and len(bands) != len(images):
@@ -373,13 +376,14 @@ class RawReconstructor:
         self.last_stats = {"inconsistent_pixels": 0}
         sets = self._sets(conds, bands)
         x_T = [torch.randn((1, *c.shape), generator=g, device=dev) for c, g in zip(conds, gens)]
-        if self.step_graph and len(images) == 1:
+        skip = self.consistency.skip and self.consistent and self.tiles.grid == "overlap"
+        self.last_stats["step_graph"] = self.step_graph and len(images) == 1 and not skip
+        if self.last_stats["step_graph"]:  # where patches are skipped, skipping halves the work: it wins
             self.last_stats["evaluated_patches"] = self.patches_for(*images[0].shape[:2])
             eps_fn: GraphedDenoiser = self._graphed_for(conds[0][None], sets[0] if sets else None)
             x0 = sample(eps_fn, x_T[0], self.schedule, generator=gens[0], callback=progress, **self._sampler_kwargs())
             eps_fn.check_finite()
             return self._project_output(sets, [x0[0]])
-        skip = self.consistency.skip and self.consistent and self.tiles.grid == "overlap"
         needed = [cs.needs_model() for cs in sets] if skip else None
         denoiser = TiledDenoiser(self.backend, conds, self.tiles, steps=self.sampler.num_steps, needed=needed)
         self.last_stats["evaluated_patches"] = denoiser.num_patches

@@ -664,3 +664,16 @@ def test_bundled_paper_size_model_on_a_real_photo(tmp_path: Path, shared_data: P
     raw = np.load(out)
     assert raw.shape == (96, 128, 3) and raw.dtype == np.float32
     assert 0.0 <= raw.min() and raw.max() <= 1.0 and raw.std() > 0.01  # a real image, not a constant
+
+
+def test_cuda_graph_has_one_meaning() -> None:
+    """--cuda-graph: the backend replays graphs of its calls in every run (torch, trt); backends without graphs are
+    refused in one line, before anything is loaded."""
+    from rawdiff_infer.cli import backend_graphs
+    from rawdiff_infer.plan import UsageError
+
+    assert backend_graphs(False, "onnx") is False and backend_graphs(False, "torch") is False
+    assert backend_graphs(True, "torch") is True and backend_graphs(True, "trt") is True
+    for kind in ("onnx", "aoti"):
+        with pytest.raises(UsageError, match=f"--cuda-graph: the {kind} backend"):
+            backend_graphs(True, kind)
