@@ -159,9 +159,9 @@ def test_cli_trains_and_model_runs_through_infer(shared_data: Path, tmp_path: Pa
     # --resume continues from the latest checkpoint
     r2 = _cli(["--photos", str(photos), "--out", str(tmp_path / "run"), "--config", "tiny", "--steps", "6",
                "--batch-size", "4", "--variants", "1", "--val-count", "1", "--val-every", "100", "--device", "cpu",
-               "--resume", "-q"])
+               "--resume"])  # without -q: the resume says where it starts (-q keeps stderr for errors only)
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert "resumed from step 4" in r2.stderr
+    assert "rawdiff-train: resumed from step 4" in r2.stderr
     assert (tmp_path / "run" / "ckpt-0000006" / "model.safetensors").exists()
 
 
