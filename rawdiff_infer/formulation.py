@@ -141,12 +141,14 @@ class FormulatedEps:
 
     def x0(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         """The (transformed) x0 of the state x at t, fp32, in the state's space."""
+        return self._x0(x, t, step, *self._alpha_sigma(t, x))
+
+    def _x0(self, x: torch.Tensor, t: torch.Tensor, step: int, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         out = (self.eps_fn(x, t, step=step) if self._step else self.eps_fn(x, t)).float()
         xf = x.float()
         if self.prediction == "x0":
             x0 = out
         else:
-            a, s = self._alpha_sigma(t, x)
             x0 = ((xf if self.fill is None else self.fill[0] * xf) - s * out) / a
         if self.fill is not None:
             x0 = x0 + (1.0 - self.fill[0]) * self.fill[1]
@@ -155,9 +157,8 @@ class FormulatedEps:
         return x0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int = 0) -> torch.Tensor:
-        x0 = self.x0(x, t, step)
-        a, s = self._alpha_sigma(t, x)
-        return ((x.float() - a * x0) / s).to(x.dtype)
+        a, s = self._alpha_sigma(t, x)  # once per evaluation: x0 and eps share it
+        return ((x.float() - a * self._x0(x, t, step, a, s)) / s).to(x.dtype)
 
     def _alpha_sigma(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a, s = self.alpha_sigma(t.reshape(-1))

@@ -347,7 +347,8 @@ class RawReconstructor:
         transform = self._transform(sets, unpack, pack)
         if transform is None and self.formulation.is_default:
             return denoiser
-        q = pack([cs.q_model(self.gamma) for cs in sets]) if sets else None
+        # q (one full canvas) only where it is used: the residual's offset, or the x0 of skipped pixels
+        q = pack([cs.q_model(self.gamma) for cs in sets]) if self.formulation.residual or denoiser.skipping else None
         offset = q if self.formulation.residual else None
         fill = None
         if denoiser.skipping:  # skipped pixels take the closed form: a residual of 0

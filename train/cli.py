@@ -689,10 +689,6 @@ def _resumed_meta(meta: Any, where: Path) -> Any:
         stored = read_meta(where / "model.safetensors")
     except Exception as e:  # noqa: BLE001 - a damaged run folder: any failure to restore is the user's data
         raise _Fail(f"--resume: cannot restore {show_path(where)} ({first_line(e)})") from None
-    if stored.formulation != meta.formulation:
-        raise _Fail(f"--resume: {show_path(where)} was trained as {stored.formulation.label()}, this run asks for "
-                    f"{meta.formulation.label()} (--prediction, --space); resume with the same, or train into a new "
-                    "--out", EXIT_USAGE)
     if stored.isp is None:
         return meta
     if not isp_close(stored.isp, meta.isp):

@@ -526,7 +526,7 @@ class ResumeMismatch(ValueError):
 #: what a resumed run must share with the checkpoint it continues (the ISP is compared by the command, with a
 #: tolerance), and the options of rawdiff-train that set it
 _RESUMED_FIELDS = {"model": "--config", "schedule": "--schedule", "camera": "--camera", "encoding": "",
-                   "formulation": ""}
+                   "formulation": "--prediction and --space"}
 
 
 def check_resumable(stored: ModelMeta, meta: ModelMeta, where: str | os.PathLike) -> None:
