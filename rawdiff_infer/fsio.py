@@ -87,10 +87,26 @@ def check_regular(path: PathLike) -> os.stat_result:
         FileNotFoundError / PermissionError / OSError: as ``os.stat`` does.
         NotRegularFileError: a directory, FIFO, device or socket (message names what it is).
     """
-    st = os.stat(path)
+    return _require_regular(os.stat(path), path)
+
+
+def _require_regular(st: os.stat_result, path: PathLike) -> os.stat_result:
+    """``st`` if it describes a regular file; else NotRegularFileError naming what ``path`` is."""
     if not stat.S_ISREG(st.st_mode):
         raise NotRegularFileError(errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file", os.fspath(path))
     return st
+
+
+def _fdopen_regular(fd: int, path: PathLike, mode: str) -> BinaryIO:
+    """The opened descriptor ``fd`` as a file object if it is a regular file (checked with ``fstat``, so what was
+    opened is what is checked), back in blocking mode; else it is closed and NotRegularFileError is raised."""
+    try:
+        _require_regular(os.fstat(fd), path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_regular(path: PathLike) -> BinaryIO:
@@ -100,14 +116,7 @@ def open_regular(path: PathLike) -> BinaryIO:
     descriptor is checked with ``fstat``; for a regular file the flag has no effect on reads.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file", os.fspath(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    return _fdopen_regular(fd, path, "rb")
 
 
 def open_append(path: PathLike) -> BinaryIO:
@@ -121,15 +130,7 @@ def open_append(path: PathLike) -> BinaryIO:
             raise NotRegularFileError(errno.EINVAL, "is a FIFO or a device, not a regular file",
                                       os.fspath(path)) from None
         raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(errno.EINVAL, f"is {_kind(st.st_mode)}, not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "ab")
-    except BaseException:
-        os.close(fd)
-        raise
+    return _fdopen_regular(fd, path, "ab")
 
 
 def sha256_file(path: PathLike) -> str:
