@@ -39,6 +39,7 @@ import torch
 
 from rawdiff_infer.fsio import write_bytes
 from rawdiff_infer.metrics import psnr
+from rawdiff_train.cli import formulation_options
 
 T0 = time.perf_counter()
 log = logging.getLogger("gpu_session")
@@ -576,13 +577,7 @@ def _seconds() -> click.ParamType:
               help="Trainer state (large; not under --out).")
 @click.option("--skip", multiple=True, type=click.Choice(["train", "eval", "bench"]))
 @click.option("--weights", type=click.Path(exists=True), help="Use these weights instead of training.")
-@click.option("--prediction", type=click.Choice(["eps", "x0"]), default="eps", show_default=True,
-              help="What the U-Net predicts (rawdiff_infer.formulation).")
-@click.option("--space", type=click.Choice(["raw", "residual"]), default="raw", show_default=True,
-              help="What is diffused: the RAW or its residual over the closed form.")
-@click.option("--loss", type=click.Choice(["l2", "l2+l1"]), default="l2", show_default=True)
-@click.option("--clipped-weight", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
-              help="Loss weight of pixels with a clipped input channel.")
+@formulation_options
 @click.option("--clipped-fraction", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Share of every batch cut around a clipped pixel (PairPool).")
 def cli(**opts: Any) -> None:

@@ -32,7 +32,7 @@ import click  # noqa: E402
 from rawdiff_infer.console import OneLineCommand
 from rawdiff_infer.messages import first_line, show_path
 
-__all__ = ["main", "cli", "build_data", "training_isp", "FiniteFloat", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
+__all__ = ["main", "cli", "build_data", "training_isp", "FiniteFloat", "formulation_options", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 log = logging.getLogger("rawdiff.train")
 
@@ -297,6 +297,26 @@ def training_isp(photos: bool, pairs: list, camera: Any, *, wb: str = "camera") 
                  f"the {len(isps)} training files", **fit}
 
 
+def formulation_options(f: Any) -> Any:
+    """The model's formulation and its loss as click options (``--prediction --space --loss --clipped-weight``):
+    rawdiff-train's, and the GPU session's (``rawdiff_bench.gpu_session``). The choices are
+    ``rawdiff_infer.formulation.PREDICTIONS`` / ``SPACES`` and ``trainer.LOSSES``, written out here so that
+    ``--help`` does not import torch."""
+    for option in reversed((
+        click.option("--prediction", type=click.Choice(["eps", "x0"]), default="eps", show_default=True,
+                     help="What the U-Net predicts: the noise (the paper's) or the clean RAW (with pixel losses)."),
+        click.option("--space", type=click.Choice(["raw", "residual"]), default="raw", show_default=True,
+                     help="What is diffused: the RAW (the paper's) or its residual over the closed-form inverse of "
+                     "the input under the data's ISP (the network only adds what the ISP lost)."),
+        click.option("--loss", type=click.Choice(["l2", "l2+l1"]), default="l2", show_default=True,
+                     help="Per-pixel loss on the prediction."),
+        click.option("--clipped-weight", type=FiniteFloat(1.0, 1000.0), default=1.0, show_default=True,
+                     help="Loss weight of pixels with a clipped input channel, relative to the others, in "
+                     "[1, 1000]."))):
+        f = option(f)
+    return f
+
+
 @click.command(PROG, cls=OneLineCommand, help=HELP,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--photos", multiple=True, type=click.Path(exists=True, file_okay=False),
@@ -334,15 +354,7 @@ def training_isp(photos: bool, pairs: list, camera: Any, *, wb: str = "camera") 
 @click.option("--ema", type=FiniteFloat(0.0, 1.0, hi_open=True), default=0.999, show_default=True,
               help="EMA decay, in [0, 1).")
 @click.option("--schedule", type=click.Choice(["scaled_linear", "linear"]), default="scaled_linear", show_default=True)
-@click.option("--prediction", type=click.Choice(["eps", "x0"]), default="eps", show_default=True,
-              help="What the U-Net predicts: the noise (the paper's) or the clean RAW (with pixel losses).")
-@click.option("--space", type=click.Choice(["raw", "residual"]), default="raw", show_default=True,
-              help="What is diffused: the RAW (the paper's) or its residual over the closed-form inverse of the "
-              "input under the data's ISP (the network only adds what the ISP lost).")
-@click.option("--loss", type=click.Choice(["l2", "l2+l1"]), default="l2", show_default=True,
-              help="Per-pixel loss on the prediction.")
-@click.option("--clipped-weight", type=FiniteFloat(1.0, 1000.0), default=1.0, show_default=True,
-              help="Loss weight of pixels with a clipped input channel, relative to the others, in [1, 1000].")
+@formulation_options
 @click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_check_device, help="auto, cpu, cuda, cuda:N.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast (CUDA).")
