@@ -608,7 +608,7 @@ class GraphedDenoiser:
         denoiser: the TiledDenoiser to record (its backend must be capturable).
         warmup: eager evaluations before the capture (>= 1).
         eps_fn: what to record, if not the denoiser itself: a pointwise wrapper of it (e.g.
-            ``consistency.ConsistentEps``), recorded in the same graph.
+            ``formulation.FormulatedEps``), recorded in the same graph.
     """
 
     takes_step = True
